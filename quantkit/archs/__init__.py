@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from quantkit.archs.minicpmv26 import LLM_SHAPES as MINICPMV26_LLM_SHAPES
 from quantkit.archs.minicpmv26 import MINICPMV26
 from quantkit.archs.qwen2 import LLAMA, QWEN2
 from quantkit.archs.spec import ArchSpec, ScalingGroup
@@ -29,4 +30,4 @@ def spec_for_config(config: dict, source: str = "config.json") -> ArchSpec:
     )
 
 
-__all__ = ["ARCHS", "ArchSpec", "ScalingGroup", "spec_for_config"]
+__all__ = ["ARCHS", "MINICPMV26_LLM_SHAPES", "ArchSpec", "ScalingGroup", "spec_for_config"]

@@ -50,3 +50,18 @@ MINICPMV26 = ArchSpec(
     extra={"version": "2.6"},
     prepare_multimodal=prepare_multimodal,
 )
+
+# The LLM of openbmb/MiniCPM-V-2_6 (Qwen2-7B): for real-shape benchmarks and stand-ins.
+LLM_SHAPES = {
+    "vocab_size": 151666,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}

@@ -1,0 +1,291 @@
+"""The native AWQ engine: layer by layer over a model's decoder layers, pure torch, no I/O.
+
+Per layer: run it on the calibration activations while capturing every linear's inputs; search one scale
+vector per scaling group (all groups against the unmodified layer, as AutoAWQ); apply them; search a clip
+bound per linear (except q/k); quantize; run the quantized layer to produce the next layer's inputs.
+Only the current layer and the activations live on the compute device.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.archs.spec import ArchSpec, ScalingGroup
+from quantkit.awq.quant import pack_gemm, quantize
+from quantkit.awq.search import (
+    apply_clip,
+    channel_mean_abs,
+    search_clip,
+    search_scales_block,
+    search_scales_linear,
+    strided_tokens,
+)
+from quantkit.awq.settings import QuantSettings
+
+
+@dataclass
+class LayerInputs:
+    """Calibration activations at a decoder layer's input: micro-batches [B, L, hidden] and their layer kwargs
+    (rotary cos/sin, masks, position ids), which are the same for every layer."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@dataclass
+class LayerReport:
+    """What the searches chose for one layer, for logs, the manifest and the AutoAWQ comparison."""
+
+    index: int
+    ratios: dict[str, float] = field(default_factory=dict)
+    scale_losses: dict[str, float] = field(default_factory=dict)
+    clip_losses: dict[str, float] = field(default_factory=dict)
+    output_rel_mse: float = 0.0
+    seconds: float = 0.0
+    peak_gpu_bytes: int | None = None
+
+
+@dataclass
+class LayerResult:
+    report: LayerReport
+    tensors: dict[str, torch.Tensor]
+    """The layer's complete new state on CPU, names relative to the layer: qweight/qzeros/scales per quantized
+    linear (+ bias) and every other parameter (norm weights now carry the AWQ scales)."""
+    scales: dict[str, torch.Tensor]
+    """Chosen scale vector per scaling group, keyed by the group's `prev` module."""
+    clips: dict[str, torch.Tensor]
+    """Chosen clip bound [out, groups] per clipped linear."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first decoder layer's input is needed."""
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def move_outside_layers(model: nn.Module, spec: ArchSpec, device: torch.device | str) -> None:
+    """Move every parameter and buffer except the decoder layers' to `device` (embeddings, vision, rotary)."""
+    prefix = spec.decoder_layers + "."
+    for name, module in model.named_modules():
+        if name.startswith(prefix):
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            if param.device != torch.device(device):
+                param.data = param.data.to(device)
+        for key, buf in module.named_buffers(recurse=False):
+            if buf.device != torch.device(device):
+                module._buffers[key] = buf.to(device)
+
+
+def capture_layer_inputs(
+    model: nn.Module, spec: ArchSpec, forwards: Iterable[Callable[[], Any]], device: torch.device | str
+) -> LayerInputs:
+    """Run each calibration forward until decoder layer 0 and keep what it would have received."""
+    layer0 = model.get_submodule(spec.decoder_layers)[0]
+    captured = LayerInputs(hidden=[], kwargs=[])
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        for key in ("past_key_values", "past_key_value"):
+            if key in kwargs:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.hidden.append(hidden.detach().to(device))
+        captured.kwargs.append(_to_device({k: v for k, v in kwargs.items()}, torch.device(device)))
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for forward in forwards:
+                try:
+                    forward()
+                except _StopForward:
+                    pass
+                else:
+                    raise RuntimeError(f"calibration forward never reached {spec.decoder_layers}.0")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _group_applies(layer: nn.Module, group: ScalingGroup) -> bool:
+    if not group.only_if_shapes_match:
+        return True
+    prev = layer.get_submodule(group.prev)
+    return all(layer.get_submodule(n).weight.shape == prev.weight.shape for n in group.linears)
+
+
+@torch.no_grad()
+def _apply_scales(layer: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
+    """Divide prev's output channels by s and multiply the linears' input columns by s (function unchanged)."""
+    prev = layer.get_submodule(group.prev)
+    s = scales.to(prev.weight.device)
+    if prev.weight.dim() == 1:  # a norm: scale its affine weight (and bias)
+        prev.weight.div_(s)
+    else:  # a linear feeding the group: scale its output rows
+        prev.weight[-s.numel() :].div_(s.view(-1, 1))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s)
+    for name in group.linears:
+        layer.get_submodule(name).weight.mul_(s.view(1, -1))
+
+
+@torch.no_grad()
+def quantize_layer(
+    layer: nn.Module, inputs: LayerInputs, spec: ArchSpec, settings: QuantSettings, index: int = 0
+) -> tuple[LayerResult, list[torch.Tensor]]:
+    """AWQ on one decoder layer already on the compute device. Returns the result and the next layer's inputs.
+
+    The layer is left holding its fake-quantized (dequantized) weights.
+    """
+    started = time.perf_counter()
+    device = inputs.hidden[0].device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    linears: dict[str, nn.Linear] = {name: layer.get_submodule(name) for name in spec.linears}
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+
+    def keep_input(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            features[name].append(args[0].detach())
+
+        return hook
+
+    handles = [lin.register_forward_hook(keep_input(name)) for name, lin in linears.items()]
+    try:
+        float_out = [_first(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    report = LayerReport(index=index)
+    chosen: list[tuple[ScalingGroup, torch.Tensor]] = []
+    for group in spec.scaling_groups:
+        if not _group_applies(layer, group):
+            continue
+        group_inputs = features[group.linears[0]]
+        x_mean = channel_mean_abs(group_inputs)
+        if group.inspect is None and len(group.linears) == 1:
+            choice = search_scales_linear(linears[group.linears[0]].weight, group_inputs, x_mean, settings)
+        else:
+            block = layer.get_submodule(group.inspect or group.linears[0])
+
+            def run_block(i: int, x: torch.Tensor, block: nn.Module = block, group: ScalingGroup = group):
+                kwargs = inputs.kwargs[i] if group.inspect_takes_layer_kwargs else {}
+                return _first(block(x, **kwargs))
+
+            choice = search_scales_block(
+                [linears[n] for n in group.linears], group_inputs, x_mean, run_block, settings
+            )
+        chosen.append((group, choice.scales))
+        report.ratios[group.prev] = choice.ratio
+        report.scale_losses[group.prev] = choice.loss
+
+    for group, scales in chosen:
+        _apply_scales(layer, group, scales)
+        for x in features[group.linears[0]]:  # the group's linears share this input tensor
+            x.div_(scales.to(x.dtype))
+
+    clips: dict[str, torch.Tensor] = {}
+    if settings.clip:
+        for name, lin in linears.items():
+            if name in spec.no_clip:
+                continue
+            tokens = strided_tokens(features[name], settings.clip_tokens)
+            max_val, loss = search_clip(lin.weight, tokens, settings)
+            lin.weight.data = apply_clip(lin.weight, max_val, settings.group_size)
+            clips[name] = max_val.cpu()
+            report.clip_losses[name] = loss
+    features.clear()
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, lin in linears.items():
+        quant = quantize(lin.weight, settings.bits, settings.group_size)
+        for key, value in pack_gemm(quant).items():
+            tensors[f"{name}.{key}"] = value.cpu()
+        lin.weight.data = quant.dequantize(lin.weight.dtype)
+    quantized_weights = {f"{name}.weight" for name in linears}
+    for pname, param in layer.named_parameters():
+        if pname not in quantized_weights:
+            tensors[pname] = param.detach().cpu().clone()
+
+    quant_out = [_first(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    err = sum((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out))
+    ref = sum(f.float().pow(2).sum() for f in float_out)
+    report.output_rel_mse = (err / ref.clamp(min=1e-30)).item()
+    report.seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+    result = LayerResult(
+        report=report,
+        tensors=tensors,
+        scales={g.prev: s.cpu() for g, s in chosen},
+        clips=clips,
+    )
+    return result, (quant_out if settings.inputs_from_quantized else float_out)
+
+
+def quantize_layers(
+    model: nn.Module,
+    spec: ArchSpec,
+    settings: QuantSettings,
+    inputs: LayerInputs,
+    device: torch.device | str,
+    start: int = 0,
+    on_layer_done: Callable[[LayerResult, list[torch.Tensor]], None] | None = None,
+) -> list[LayerResult]:
+    """Quantize decoder layers start.. in order; each layer visits the device only while it is processed."""
+    layers: Sequence[nn.Module] = model.get_submodule(spec.decoder_layers)
+    results = []
+    with _tf32_on_cuda(torch.device(device)):
+        for index in range(start, len(layers)):
+            layer = layers[index]
+            layer.to(device)
+            result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
+            layer.to("cpu")
+            inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs)
+            results.append(result)
+            if on_layer_done is not None:
+                on_layer_done(result, next_hidden)
+    return results
+
+
+@contextmanager
+def _tf32_on_cuda(device: torch.device):
+    """The float32 Gram matrices of the searches hold exact bf16 products: TF32 tensor cores lose nothing
+    there and are ~8x faster than IEEE float32 on Hopper. Left alone on the CPU (bit-exact resumes)."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -1,0 +1,193 @@
+"""The two AWQ searches on one decoder layer's captured activations: per-group scales, per-linear clipping.
+
+Activations arrive as lists of micro-batches (each [..., features]); losses are mean squared errors over all
+output elements, as in AutoAWQ. Where the inspected block is a single linear, the error of a candidate weight
+W' is computed exactly from the inputs' Gram matrix, (W' - W) G (W' - W)^T, instead of re-running the matmul
+over every token: fewer FLOPs and no cancellation between two rounded outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.awq.quant import fake_quantize
+from quantkit.awq.settings import QuantSettings
+
+
+def channel_mean_abs(batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean |x| per input channel over every token of every micro-batch, float32 [features]."""
+    total = None
+    count = 0
+    for x in batches:
+        flat = x.reshape(-1, x.shape[-1])
+        part = flat.abs().float().sum(dim=0)
+        total = part if total is None else total + part
+        count += flat.shape[0]
+    return total / count
+
+
+def weight_channel_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |w| normalised by its group's max |w|, per input channel (AutoAWQ's w_mean)."""
+    w = torch.cat([wt.float() for wt in weights], dim=0)
+    g = w.abs().reshape(-1, group_size)
+    g = g / (g.amax(dim=1, keepdim=True) + 1e-6)
+    return g.reshape(w.shape).mean(dim=0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, duo: bool) -> torch.Tensor:
+    """Per-channel scale for exponent `ratio`, normalised so that max * min = 1."""
+    if duo:
+        s = x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)
+    else:
+        s = x_mean.pow(ratio)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
+    """Q(W * s) / s: the effective weight once the input is divided by s and W's columns multiplied by s."""
+    s = scales.to(weight.dtype)
+    return fake_quantize(weight * s, settings.bits, settings.group_size) / s
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    ratio: float
+    scales: torch.Tensor  # float32 [in_features]
+    loss: float
+    losses: tuple[float, ...]  # one per grid point
+
+
+def gram(batches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """X^T X in float32 over every token, and the token count."""
+    total = None
+    count = 0
+    for x in batches:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        part = flat.t() @ flat
+        total = part if total is None else total + part
+        count += flat.shape[0]
+    return total, count
+
+
+def search_scales_linear(
+    weight: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    x_mean: torch.Tensor,
+    settings: QuantSettings,
+    max_candidates_bytes: int = 2 * 2**30,
+) -> ScaleChoice:
+    """Scale search for a group whose inspected block is the single linear `weight` [out, in]."""
+    g, tokens = gram(inputs)
+    w_mean = weight_channel_mean([weight], settings.group_size)
+    ratios = [i / settings.scale_grid for i in range(settings.scale_grid)]
+    per_batch = max(1, max_candidates_bytes // (weight.numel() * 4 * 2))
+    losses: list[float] = []
+    w32 = weight.float()
+    for start in range(0, len(ratios), per_batch):
+        chunk = ratios[start : start + per_batch]
+        deltas = torch.stack(
+            [
+                scaled_fake_quant(weight, candidate_scales(x_mean, w_mean, r, settings.duo_scaling), settings).float()
+                - w32
+                for r in chunk
+            ]
+        )
+        errs = ((deltas @ g) * deltas).sum(dim=(1, 2)) / (tokens * weight.shape[0])
+        losses.extend(errs.tolist())
+    return _best(ratios, losses, x_mean, w_mean, settings)
+
+
+def search_scales_block(
+    linears: Sequence[torch.nn.Linear],
+    inputs: Sequence[torch.Tensor],
+    x_mean: torch.Tensor,
+    run_block: Callable[[int, torch.Tensor], torch.Tensor],
+    settings: QuantSettings,
+) -> ScaleChoice:
+    """Scale search for a group inspected through a block (attention, MLP): the block is re-run per grid point.
+
+    `run_block(i, x)` runs the block on micro-batch i. The linears' weights are restored before returning.
+    """
+    w_mean = weight_channel_mean([lin.weight for lin in linears], settings.group_size)
+    originals = [lin.weight.data.clone() for lin in linears]
+    reference = [run_block(i, x) for i, x in enumerate(inputs)]
+    ratios = [i / settings.scale_grid for i in range(settings.scale_grid)]
+    losses: list[float] = []
+    try:
+        for r in ratios:
+            s = candidate_scales(x_mean, w_mean, r, settings.duo_scaling)
+            for lin, w in zip(linears, originals):
+                lin.weight.data = scaled_fake_quant(w, s, settings)
+            err = torch.zeros((), dtype=torch.float64, device=x_mean.device)
+            count = 0
+            for i, x in enumerate(inputs):
+                out = run_block(i, x)
+                err += (out.float() - reference[i].float()).pow(2).sum()
+                count += out.numel()
+            losses.append(err.item() / count)
+    finally:
+        for lin, w in zip(linears, originals):
+            lin.weight.data = w
+    return _best(ratios, losses, x_mean, w_mean, settings)
+
+
+def _best(
+    ratios: list[float], losses: list[float], x_mean: torch.Tensor, w_mean: torch.Tensor, settings: QuantSettings
+) -> ScaleChoice:
+    finite = [(loss, i) for i, loss in enumerate(losses) if math.isfinite(loss)]
+    if not finite:
+        raise FloatingPointError("every scale candidate gave a non-finite loss (NaN/Inf activations?)")
+    best_loss, best = min(finite)  # ties -> the smallest ratio, as AutoAWQ's strict '<'
+    scales = candidate_scales(x_mean, w_mean, ratios[best], settings.duo_scaling)
+    return ScaleChoice(ratio=ratios[best], scales=scales, loss=best_loss, losses=tuple(losses))
+
+
+def strided_tokens(batches: Sequence[torch.Tensor], max_tokens: int) -> torch.Tensor:
+    """Every k-th token of the concatenated micro-batches, k = max(1, total // max_tokens) (AutoAWQ's sampling)."""
+    flats = [x.reshape(-1, x.shape[-1]) for x in batches]
+    total = sum(f.shape[0] for f in flats)
+    step = max(1, total // max_tokens)
+    picked = []
+    offset = 0
+    for f in flats:
+        first = (-offset) % step
+        picked.append(f[first::step])
+        offset += f.shape[0]
+    return torch.cat(picked, dim=0)
+
+
+def search_clip(weight: torch.Tensor, tokens: torch.Tensor, settings: QuantSettings) -> tuple[torch.Tensor, float]:
+    """Per (output row, group) clip bound max|w| * (1 - k / grid), k < grid * max_shrink, minimising the
+    group's partial-output error on `tokens` [n, in]. Returns the bound [out, groups] and the mean error."""
+    out_features, in_features = weight.shape
+    gs = settings.group_size
+    groups = in_features // gs
+    x = tokens.float().reshape(-1, groups, gs).permute(1, 0, 2)  # [groups, n, gs]
+    gram_per_group = x.transpose(1, 2) @ x / x.shape[1]  # [groups, gs, gs]
+    w = weight.float().reshape(out_features, groups, gs)
+    org_max = w.abs().amax(dim=-1)  # [out, groups]
+    best_err = torch.full_like(org_max, float("inf"))
+    best_max = org_max.clone()
+    for step in range(int(settings.clip_max_shrink * settings.clip_grid)):
+        max_val = org_max * (1 - step / settings.clip_grid)
+        clipped = torch.maximum(torch.minimum(w, max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
+        q = fake_quantize(clipped.reshape(out_features, in_features), settings.bits, gs).float()
+        delta = (q.reshape(out_features, groups, gs) - w).permute(1, 0, 2)  # [groups, out, gs]
+        err = ((delta @ gram_per_group) * delta).sum(dim=-1).t()  # [out, groups]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max, best_err.mean().item()
+
+
+def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each (row, group) of `weight` to [-max_val, max_val]; returns a new tensor in weight's dtype."""
+    out_features, in_features = weight.shape
+    w = weight.reshape(out_features, in_features // group_size, group_size)
+    bound = max_val.to(weight.dtype).unsqueeze(-1)
+    return torch.maximum(torch.minimum(w, bound), -bound).reshape(weight.shape)

@@ -1,0 +1,56 @@
+"""The quantization settings: one frozen dataclass whose defaults are the recommended release."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from quantkit.errors import InputError
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """AWQ int4 settings (defaults = AutoAWQ's: w4, group 128, zero point, GEMM, 20-point grids)."""
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    version: str = "gemm"
+    scale_grid: int = 20
+    """Grid points for the scale exponent alpha in [0, 1)."""
+    duo_scaling: bool = True
+    """s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's default) instead of mean|x|^a alone."""
+    clip: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512
+    """Tokens (evenly strided) the clip search looks at, as AutoAWQ."""
+    inputs_from_quantized: bool = True
+    """Feed layer i+1 with the outputs of the *quantized* layer i (AutoAWQ feeds the 16-bit outputs)."""
+    max_batch_tokens: int = 16384
+    """Tokens per forward launch during the search: bounds activation memory."""
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise InputError(f"bits={self.bits}: the AutoAWQ GEMM layout holds 4-bit weights only; use bits=4.")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise InputError(f"group_size={self.group_size}: use a positive multiple of 8 (128 is standard).")
+        if not self.zero_point:
+            raise InputError("zero_point=false: the AutoAWQ GEMM layout needs zero points; set zero_point: true.")
+        if self.version != "gemm":
+            raise InputError(f"version={self.version!r}: only the 'gemm' layout is written (vLLM serves it).")
+        if not 0 < self.clip_max_shrink < 1:
+            raise InputError(f"clip_max_shrink={self.clip_max_shrink}: must lie in (0, 1).")
+
+    def quantization_config(self, modules_to_not_convert: tuple[str, ...]) -> dict:
+        """The `quantization_config` block of config.json that vLLM and transformers read."""
+        return {
+            "quant_method": "awq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "zero_point": self.zero_point,
+            "version": self.version,
+            "modules_to_not_convert": list(modules_to_not_convert),
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,102 @@
+"""The resumable work folder of a quantize run: each finished layer's tensors and the next layer's inputs.
+
+Files are written by one background thread (the GPU goes on with the next layer meanwhile), each to a
+temporary name renamed into place, and `state.json` is updated last, so a run killed at any moment resumes
+from the last layer whose files are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class LayerCheckpoints:
+    """Work folder keyed by a fingerprint of (source, settings, calibration): a different job starts afresh."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-checkpoint")
+        self._pending: list[Future] = []
+        state = self._read_state()
+        if state.get("fingerprint") != fingerprint:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            state = {"fingerprint": fingerprint, "completed_layers": 0}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._state = state
+        self._write_state()
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self) -> None:
+        tmp = self.folder / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self._state, indent=1))
+        os.replace(tmp, self.folder / STATE_FILE)
+
+    @property
+    def completed_layers(self) -> int:
+        return int(self._state.get("completed_layers", 0))
+
+    def save_kwargs(self, kwargs: list[dict[str, Any]]) -> None:
+        torch.save(kwargs, self.folder / "layer_kwargs.pt")
+
+    def load_kwargs(self) -> list[dict[str, Any]]:
+        return torch.load(self.folder / "layer_kwargs.pt", weights_only=True)
+
+    def save_layer(self, index: int, tensors: dict[str, torch.Tensor], next_hidden: list[torch.Tensor],
+                   report: dict[str, Any]) -> None:
+        """Queue layer `index`'s result; `next_hidden` is copied to CPU now, written in the background."""
+        hidden_cpu = {f"batch.{i}": h.detach().to("cpu") for i, h in enumerate(next_hidden)}
+        self._pending.append(self._writer.submit(self._write_layer, index, tensors, hidden_cpu, report))
+
+    def _write_layer(self, index: int, tensors: dict[str, torch.Tensor], hidden: dict[str, torch.Tensor],
+                     report: dict[str, Any]) -> None:
+        _atomic_save(tensors, self.folder / f"layer-{index:04d}.safetensors")
+        _atomic_save(hidden, self.folder / f"inputs-{index + 1:04d}.safetensors")
+        self._state["completed_layers"] = index + 1
+        self._state.setdefault("reports", {})[str(index)] = report
+        self._write_state()
+        previous = self.folder / f"inputs-{index:04d}.safetensors"
+        previous.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Wait for queued writes; re-raises a failed write."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def load_layer(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.folder / f"layer-{index:04d}.safetensors"))
+
+    def load_inputs(self, index: int) -> list[torch.Tensor]:
+        data = load_file(str(self.folder / f"inputs-{index:04d}.safetensors"))
+        return [data[f"batch.{i}"] for i in range(len(data))]
+
+    def reports(self) -> dict[str, Any]:
+        return dict(self._state.get("reports", {}))
+
+    def close(self, remove: bool = False) -> None:
+        self.flush()
+        self._writer.shutdown()
+        if remove:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,242 @@
+"""`quantize()`: source folder -> calibration -> AWQ engine layer by layer -> vLLM-ready release folder.
+
+The orchestration around the pure-torch engine: loading, device placement, the resumable work folder,
+progress, and handing the result to the save layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.archs import ArchSpec, spec_for_config
+from quantkit.awq.engine import (
+    LayerInputs,
+    LayerReport,
+    LayerResult,
+    _to_device,
+    capture_layer_inputs,
+    move_outside_layers,
+    quantize_layers,
+)
+from quantkit.awq.settings import QuantSettings
+from quantkit.calib import BUILTIN_PYDOC, CalibrationSet, load_calibration, micro_batches
+from quantkit.errors import DependencyError, InputError
+from quantkit.io.checkpoint import LayerCheckpoints
+
+
+@dataclass
+class QuantizeResult:
+    out_dir: Path
+    layers: list[dict[str, Any]]
+    calibration: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    resumed_from_layer: int = 0
+    device: str = "cpu"
+    peak_gpu_gib: float | None = None
+
+
+def read_source_config(source: Path) -> tuple[dict[str, Any], ArchSpec]:
+    config_path = source / "config.json"
+    if not source.is_dir():
+        raise InputError(f"source folder {source} does not exist; run `quantkit download MODEL` first.")
+    if not config_path.is_file():
+        raise InputError(f"{config_path} is missing: {source} is not a Hugging Face model folder.")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise InputError(f"{config_path} is not valid JSON ({err}).") from err
+    if "quantization_config" in config:
+        raise InputError(f"{config_path} already has a quantization_config: quantize the 16-bit model instead.")
+    return config, spec_for_config(config, source=str(config_path))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DependencyError(
+            f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}. "
+            "Run on a GPU machine, or pass --device cpu (slow; fine for small models)."
+        )
+    return torch.device(device)
+
+
+def compute_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype:
+    """float32 on the CPU (fast and exact there); the checkpoint's 16-bit dtype on a GPU."""
+    if device.type == "cpu":
+        return torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        str(config.get("torch_dtype", config.get("dtype", "bfloat16"))), torch.bfloat16
+    )
+
+
+def job_fingerprint(source: Path, settings: QuantSettings, calib: CalibrationSet, device: torch.device,
+                    dtype: torch.dtype) -> str:
+    """Identity of a quantize job: a work folder from another job is never resumed."""
+    digest = hashlib.sha256()
+    digest.update((source / "config.json").read_bytes())
+    for weights in sorted(source.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    digest.update(json.dumps(settings.as_dict(), sort_keys=True).encode())
+    digest.update(calib.fingerprint.encode())
+    digest.update(f"{device.type}:{dtype}".encode())
+    return digest.hexdigest()
+
+
+def work_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.quantkit-work"
+
+
+def load_model(source: Path, spec: ArchSpec, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModel if spec.multimodal else AutoModelForCausalLM
+    model = auto.from_pretrained(str(source), trust_remote_code=True, dtype=dtype, low_cpu_mem_usage=True)
+    return model.eval()
+
+
+def calibration_forwards(model: torch.nn.Module, spec: ArchSpec, source: Path, calib: CalibrationSet,
+                         settings: QuantSettings, device: torch.device, dtype: torch.dtype) -> list[Callable]:
+    """One callable per forward pass: text micro-batches through the LLM, multimodal samples through the model's
+    real vision path (processor -> vision tower -> resampler -> LLM)."""
+    lm = model.get_submodule(spec.language_model) if spec.language_model else model
+    forwards: list[Callable] = [
+        (lambda chunk=chunk: lm(input_ids=chunk.to(device), use_cache=False))
+        for chunk in micro_batches(calib.blocks, settings.max_batch_tokens)
+    ]
+    if calib.multimodal:
+        if spec.prepare_multimodal is None:
+            raise InputError(f"calibration has image samples but {spec.name} is a text-only architecture.")
+        from PIL import Image
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=True)
+        for sample in calib.multimodal:
+            images = [Image.open(p).convert("RGB") for p in sample.images]
+            kwargs = _cast_floats(_to_device(spec.prepare_multimodal(model, processor, sample.text, images), device),
+                                  dtype)
+            forwards.append(lambda kwargs=kwargs: model(**kwargs))
+    return forwards
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def quantize(
+    source: str | Path,
+    out: str | Path,
+    *,
+    calib: str = BUILTIN_PYDOC,
+    calib_revision: str | None = None,
+    calib_split: str = "train",
+    text_field: str = "text",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    settings: QuantSettings | None = None,
+    device: str = "auto",
+    force: bool = False,
+    max_shard_bytes: int = 4 * 2**30,
+    on_layer_done: Callable[[LayerReport, int], None] | None = None,
+) -> QuantizeResult:
+    """AWQ-quantize `source` (a 16-bit Hugging Face folder) into the release folder `out`.
+
+    Resumes a killed run with the same arguments from its last finished layer (bit-identical result).
+    `on_layer_done(report, n_layers)` is called after each layer (progress bars).
+    """
+    from quantkit.io.release import write_release
+
+    settings = settings or QuantSettings()
+    source, out = Path(source), Path(out)
+    config, spec = read_source_config(source)
+    if out.exists() and not force:
+        raise InputError(f"output folder {out} already exists; pass --force to replace it.")
+    dev = resolve_device(device)
+    dtype = compute_dtype(config, dev)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=True)
+    calibration = load_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                   revision=calib_revision, split=calib_split, text_field=text_field)
+    timings["calibration_s"] = time.perf_counter() - started
+
+    checkpoints = LayerCheckpoints(work_folder(out), job_fingerprint(source, settings, calibration, dev, dtype))
+    try:
+        started = time.perf_counter()
+        model = load_model(source, spec, dtype)
+        timings["load_s"] = time.perf_counter() - started
+        n_layers = len(model.get_submodule(spec.decoder_layers))
+        start = checkpoints.completed_layers
+
+        started = time.perf_counter()
+        if start == 0:
+            move_outside_layers(model, spec, dev)
+            forwards = calibration_forwards(model, spec, source, calibration, settings, dev, dtype)
+            inputs = capture_layer_inputs(model, spec, forwards, dev)
+            move_outside_layers(model, spec, "cpu")
+            checkpoints.save_kwargs(inputs.kwargs)
+        elif start < n_layers:
+            inputs = LayerInputs(hidden=[h.to(dev) for h in checkpoints.load_inputs(start)],
+                                 kwargs=_to_device(checkpoints.load_kwargs(), dev))
+        timings["capture_s"] = time.perf_counter() - started
+
+        def layer_done(result: LayerResult, next_hidden: list[torch.Tensor]) -> None:
+            last = result.report.index == n_layers - 1
+            checkpoints.save_layer(result.report.index, result.tensors, [] if last else next_hidden,
+                                   asdict(result.report))
+            if on_layer_done is not None:
+                on_layer_done(result.report, n_layers)
+
+        started = time.perf_counter()
+        if start < n_layers:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            quantize_layers(model, spec, settings, inputs, dev, start=start, on_layer_done=layer_done)
+            del inputs
+        checkpoints.flush()
+        timings["layers_s"] = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+        layer_tensors: dict[str, torch.Tensor] = {}
+        for index in range(n_layers):
+            for name, tensor in checkpoints.load_layer(index).items():
+                layer_tensors[f"{spec.layer_prefix(index)}.{name}"] = tensor
+        reports = [checkpoints.reports()[str(i)] for i in range(n_layers)]
+        del model
+
+        started = time.perf_counter()
+        result = QuantizeResult(out_dir=out, layers=reports, calibration=calibration.describe(), seconds=timings,
+                                resumed_from_layer=start, device=str(dev), peak_gpu_gib=peak)
+        write_release(
+            source, out, layer_tensors, spec, settings, force=force, max_shard_bytes=max_shard_bytes,
+            manifest_extra={
+                "quantization": {"backend": "native", "settings": settings.as_dict(), "seed": seed,
+                                 "device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."),
+                                 "resumed_from_layer": start, "seconds": timings, "layers": reports},
+                "calibration": calibration.describe(),
+            },
+        )
+        timings["save_s"] = time.perf_counter() - started
+    except BaseException:
+        checkpoints.close(remove=False)
+        raise
+    checkpoints.close(remove=True)
+    return result

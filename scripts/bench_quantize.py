@@ -1,0 +1,146 @@
+"""Benchmark the AWQ engine on MiniCPM-V 2.6's LLM at its real shapes (random weights), on one GPU.
+
+Measures the calibration wall time (layer-0 capture + every decoder layer), peak GPU memory, the ratio to
+the arithmetic floor (brute-force search FLOPs / measured bf16 matmul rate), and the end-to-end output error
+of the quantized layers vs the 16-bit ones on held-out tokens. Prints a markdown table; --json writes details.
+
+    python scripts/bench_quantize.py                       # 28 layers, 128 x 512 tokens
+    python scripts/bench_quantize.py --layers 4 --backend both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quantkit.archs import MINICPMV26_LLM_SHAPES, QWEN2
+from quantkit.awq.engine import LayerInputs, capture_layer_inputs, move_outside_layers, quantize_layers
+from quantkit.awq.settings import QuantSettings
+
+
+def build_llm(layers: int, device: str, dtype: torch.dtype, seed: int):
+    """Qwen2ForCausalLM with MiniCPM-V 2.6's LLM shapes, random weights, decoder layers left on the CPU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**{**MINICPMV26_LLM_SHAPES, "num_hidden_layers": layers})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    for layer in model.model.layers:
+        layer.to("cpu")
+    return model
+
+
+def search_flops(hidden: int, intermediate: int, kv_dim: int, tokens: int, seq_len: int, grid: int) -> float:
+    """Brute-force AWQ FLOPs per layer: every grid point re-runs its inspected block over every token."""
+    attn_params = 2 * hidden * hidden + 2 * hidden * kv_dim
+    attn_scores = 2 * 2 * tokens * seq_len * hidden  # QK^T and PV
+    mlp_params = 3 * hidden * intermediate
+    down_params = hidden * intermediate
+    per_forward = 2 * tokens * (attn_params + mlp_params) + attn_scores
+    search = grid * (2 * tokens * attn_params + attn_scores) + grid * 2 * tokens * (mlp_params + down_params)
+    return search + 2 * per_forward
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def run_layers(model, hidden: list[torch.Tensor], kwargs: list[dict], device: str) -> list[torch.Tensor]:
+    for layer in model.model.layers:
+        layer.to(device)
+        hidden = [layer(h, **kw) for h, kw in zip(hidden, kwargs)]
+        hidden = [h[0] if isinstance(h, tuple) else h for h in hidden]
+        layer.to("cpu")
+    return hidden
+
+
+def bench_native(args, device: str, dtype: torch.dtype) -> dict:
+    model = build_llm(args.layers, device, dtype, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len), generator=gen)
+    held_out = torch.randint(0, model.config.vocab_size, (8, args.seq_len), generator=gen)
+    settings = QuantSettings()
+    move_outside_layers(model, QWEN2, device)
+    held = capture_layer_inputs(model, QWEN2, [lambda: model(input_ids=held_out.to(device), use_cache=False)], device)
+    reference = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    rows = max(1, settings.max_batch_tokens // args.seq_len)
+    inputs = capture_layer_inputs(
+        model, QWEN2, [lambda c=c: model(input_ids=c.to(device), use_cache=False) for c in ids.split(rows)], device
+    )
+    move_outside_layers(model, QWEN2, "cpu")
+    inputs = LayerInputs(hidden=inputs.hidden, kwargs=inputs.kwargs)
+    per_layer = []
+    results = quantize_layers(model, QWEN2, settings, inputs, device,
+                              on_layer_done=lambda r, _: per_layer.append(time.perf_counter()))
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    peak = max(r.report.peak_gpu_bytes or 0 for r in results) / 2**30
+
+    move_outside_layers(model, QWEN2, device)
+    quantized = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
+    err = sum((q.float() - r.float()).pow(2).sum() for q, r in zip(quantized, reference))
+    rel = (err / sum(r.float().pow(2).sum() for r in reference)).item()
+    return {
+        "backend": "native",
+        "wall_s": wall,
+        "per_layer_s": [r.report.seconds for r in results],
+        "peak_gpu_gib": peak,
+        "output_rel_mse": rel,
+        "ratios": [r.report.ratios for r in results],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--n-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=["native"], default="native")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quantize.py measures GPU speed: no CUDA device is visible.")
+    device, dtype = "cuda", torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rate = matmul_rate(device, dtype)
+    shapes = MINICPMV26_LLM_SHAPES
+    kv_dim = shapes["hidden_size"] // shapes["num_attention_heads"] * shapes["num_key_value_heads"]
+    flops = args.layers * search_flops(shapes["hidden_size"], shapes["intermediate_size"], kv_dim,
+                                       args.n_samples * args.seq_len, args.seq_len, QuantSettings().scale_grid)
+    floor = flops / rate
+    result = bench_native(args, device, dtype)
+    per_layer = result["wall_s"] / args.layers
+    print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    print("| backend | layers | samples x seq | wall | per layer | est. 28 layers | peak GPU | floor | wall/floor "
+          "| output rel. MSE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {result['backend']} | {args.layers} | {args.n_samples} x {args.seq_len} | {result['wall_s']:.1f} s "
+          f"| {per_layer:.2f} s | {per_layer * 28:.0f} s | {result['peak_gpu_gib']:.1f} GiB | {floor:.1f} s "
+          f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} |")
+    if args.json:
+        args.json.write_text(json.dumps({"matmul_tflops": rate / 1e12, "floor_s": floor, "flops": flops,
+                                         **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

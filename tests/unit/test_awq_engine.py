@@ -1,0 +1,113 @@
+"""The AWQ searches and the per-layer engine beat round-to-nearest on data with outlier channels."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from quantkit.archs import QWEN2
+from quantkit.awq.engine import capture_layer_inputs, quantize_layer
+from quantkit.awq.quant import fake_quantize
+from quantkit.awq.search import (
+    candidate_scales,
+    channel_mean_abs,
+    scaled_fake_quant,
+    search_clip,
+    search_scales_linear,
+    weight_channel_mean,
+)
+from quantkit.awq.settings import QuantSettings
+from quantkit.errors import InputError
+
+
+def outlier_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=gen)
+    x[:, :: features // 8] *= 25.0  # a few salient channels, as in real LLM activations
+    return x
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return (x @ (w_hat - w).t()).pow(2).mean().item()
+
+
+def test_scale_search_beats_round_to_nearest_on_a_linear():
+    settings = QuantSettings()
+    x = outlier_inputs(1024, 256, seed=0)
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
+    choice = search_scales_linear(w, [x], channel_mean_abs([x]), settings)
+    awq_err = output_error(x, w, scaled_fake_quant(w, choice.scales, settings))
+    rtn_err = output_error(x, w, fake_quantize(w, 4, 128))
+    assert choice.ratio > 0
+    assert awq_err < 0.7 * rtn_err
+    # the Gram-matrix loss of every grid point equals the brute-force mean squared output error
+    w_mean = weight_channel_mean([w], 128)
+    for index in (0, 7, 19):
+        scales = candidate_scales(channel_mean_abs([x]), w_mean, index / 20, duo=True)
+        brute = output_error(x, w, scaled_fake_quant(w, scales, settings))
+        assert choice.losses[index] == pytest.approx(brute, rel=1e-3)
+
+
+def test_clip_search_never_worse_than_no_clip():
+    settings = QuantSettings()
+    x = outlier_inputs(512, 256, seed=3)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    w[0, 5] = 12.0  # one outlier weight: clipping it should help its group
+    max_val, _ = search_clip(w, x, settings)
+    assert max_val[0, 0] < w[0, :128].abs().max()
+    clipped = torch.maximum(torch.minimum(w.reshape(64, 2, 128), max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
+    err_clip = output_error(x, w, fake_quantize(clipped.reshape(64, 256), 4, 128))
+    err_plain = output_error(x, w, fake_quantize(w, 4, 128))
+    assert err_clip < err_plain
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2():
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, ::32] *= 25.0
+    return model
+
+
+def test_decoder_layer_awq_beats_round_to_nearest(tiny_qwen2):
+    model = tiny_qwen2
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(5))
+    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(2)], "cpu")
+    layer = model.model.layers[0]
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        reference = [layer(h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+        for name in QWEN2.linears:
+            lin = layer.get_submodule(name)
+            lin.weight.data = fake_quantize(lin.weight, 4, 128)
+        rtn = [layer(h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    layer.load_state_dict(original)
+    rtn_err = sum((r - f).pow(2).sum() for r, f in zip(rtn, reference)) / sum(f.pow(2).sum() for f in reference)
+
+    result, next_hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index=0)
+    layer.load_state_dict(original)
+    awq_err = sum((q - f).pow(2).sum() for q, f in zip(next_hidden, reference)) / sum(
+        f.pow(2).sum() for f in reference)
+    assert result.report.output_rel_mse == pytest.approx(awq_err.item(), rel=1e-4)
+    assert awq_err < 0.8 * rtn_err
+    # GQA: v_proj (128x256) and o_proj (256x256) differ, so the v -> o group is skipped as in MiniCPM-V 2.6
+    assert set(result.report.ratios) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+    assert set(result.clips) == {"self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                 "mlp.down_proj"}
+    assert result.tensors["self_attn.q_proj.qweight"].shape == (256, 256 // 8)
+    assert result.tensors["mlp.down_proj.scales"].shape == (512 // 128, 256)
+    assert "self_attn.q_proj.bias" in result.tensors and "self_attn.q_proj.weight" not in result.tensors
+    # the layer norm carries the chosen scales: its weight changed
+    assert not torch.equal(result.tensors["input_layernorm.weight"], original["input_layernorm.weight"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"bits": 8}, "bits=8"), ({"zero_point": False}, "zero point"), ({"group_size": 100}, "group_size=100"),
+     ({"version": "gemv"}, "gemm"), ({"clip_max_shrink": 1.5}, "clip_max_shrink")],
+)
+def test_settings_refuse_what_the_gemm_layout_cannot_hold(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        QuantSettings(**kwargs)
