@@ -19,6 +19,7 @@ import torch
 
 from quantkit.archs import MINICPMV26_LLM_SHAPES, QWEN2
 from quantkit.awq.engine import LayerInputs, capture_layer_inputs, move_outside_layers, quantize_layers
+from quantkit.awq.quant import dequantize_gemm, fake_quantize
 from quantkit.awq.settings import QuantSettings
 
 
@@ -46,6 +47,18 @@ def search_flops(hidden: int, intermediate: int, kv_dim: int, tokens: int, seq_l
     return search + 2 * per_forward
 
 
+def load_quantized_state(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give `layer` the weights its packed int4 tensors dequantize to (and its scaled norms)."""
+    for name in QWEN2.linears:
+        lin = layer.get_submodule(name)
+        packed = {key: tensors[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales")}
+        lin.weight.data = dequantize_gemm(**packed).to(lin.weight.dtype)
+    params = dict(layer.named_parameters())
+    for name, value in tensors.items():
+        if name in params:
+            params[name].data = value.to(params[name].dtype)
+
+
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
@@ -60,13 +73,26 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def run_layers(model, hidden: list[torch.Tensor], kwargs: list[dict], device: str) -> list[torch.Tensor]:
+def run_layers(model, hidden: list[torch.Tensor], kwargs: list[dict], device: str,
+               round_to_nearest: bool = False) -> list[torch.Tensor]:
+    """Run every decoder layer on `hidden`; with round_to_nearest, on RTN int4 weights (the baseline)."""
     for layer in model.model.layers:
+        host = {name: p.data for name, p in layer.named_parameters()}
         layer.to(device)
+        if round_to_nearest:
+            for name in QWEN2.linears:
+                lin = layer.get_submodule(name)
+                lin.weight.data = fake_quantize(lin.weight, 4, 128)
         hidden = [layer(h, **kw) for h, kw in zip(hidden, kwargs)]
         hidden = [h[0] if isinstance(h, tuple) else h for h in hidden]
-        layer.to("cpu")
+        for name, p in layer.named_parameters():
+            p.data = host[name]
     return hidden
+
+
+def relative_mse(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    err = sum((o.float() - r.float()).pow(2).sum() for o, r in zip(outputs, reference))
+    return (err / sum(r.float().pow(2).sum() for r in reference)).item()
 
 
 def bench_native(args, device: str, dtype: torch.dtype) -> dict:
@@ -78,6 +104,7 @@ def bench_native(args, device: str, dtype: torch.dtype) -> dict:
     move_outside_layers(model, QWEN2, device)
     held = capture_layer_inputs(model, QWEN2, [lambda: model(input_ids=held_out.to(device), use_cache=False)], device)
     reference = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
+    rtn = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device, round_to_nearest=True)]
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -88,23 +115,30 @@ def bench_native(args, device: str, dtype: torch.dtype) -> dict:
     )
     move_outside_layers(model, QWEN2, "cpu")
     inputs = LayerInputs(hidden=inputs.hidden, kwargs=inputs.kwargs)
-    per_layer = []
-    results = quantize_layers(model, QWEN2, settings, inputs, device,
-                              on_layer_done=lambda r, _: per_layer.append(time.perf_counter()))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            results = quantize_layers(model, QWEN2, settings, inputs, device)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    else:
+        results = quantize_layers(model, QWEN2, settings, inputs, device)
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     peak = max(r.report.peak_gpu_bytes or 0 for r in results) / 2**30
 
+    for result, layer in zip(results, model.model.layers):
+        load_quantized_state(layer, result.tensors)
     move_outside_layers(model, QWEN2, device)
     quantized = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
-    err = sum((q.float() - r.float()).pow(2).sum() for q, r in zip(quantized, reference))
-    rel = (err / sum(r.float().pow(2).sum() for r in reference)).item()
     return {
         "backend": "native",
         "wall_s": wall,
         "per_layer_s": [r.report.seconds for r in results],
         "peak_gpu_gib": peak,
-        "output_rel_mse": rel,
+        "output_rel_mse": relative_mse(quantized, reference),
+        "rtn_output_rel_mse": relative_mse(rtn, reference),
         "ratios": [r.report.ratios for r in results],
     }
 
@@ -117,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["native"], default="native")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top CUDA ops")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_quantize.py measures GPU speed: no CUDA device is visible.")
@@ -136,7 +171,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {result['backend']} | {args.layers} | {args.n_samples} x {args.seq_len} | {result['wall_s']:.1f} s "
           f"| {per_layer:.2f} s | {per_layer * 28:.0f} s | {result['peak_gpu_gib']:.1f} GiB | {floor:.1f} s "
-          f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} |")
+          f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} ({result['rtn_output_rel_mse']:.3e}) |")
     if args.json:
         args.json.write_text(json.dumps({"matmul_tflops": rate / 1e12, "floor_s": floor, "flops": flops,
                                          **result}, indent=1))

@@ -228,17 +228,19 @@ def quantize_layer(
     for name, lin in linears.items():
         quant = quantize(lin.weight, settings.bits, settings.group_size)
         for key, value in pack_gemm(quant).items():
-            tensors[f"{name}.{key}"] = value.cpu()
+            tensors[f"{name}.{key}"] = value.to("cpu", non_blocking=True)  # pinned, overlaps the next steps
         lin.weight.data = quant.dequantize(lin.weight.dtype)
     quantized_weights = {f"{name}.weight" for name in linears}
     for pname, param in layer.named_parameters():
         if pname not in quantized_weights:
-            tensors[pname] = param.detach().cpu().clone()
+            tensors[pname] = param.detach().to("cpu", copy=True)
 
     quant_out = [_first(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
     err = sum((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out))
     ref = sum(f.float().pow(2).sum() for f in float_out)
     report.output_rel_mse = (err / ref.clamp(min=1e-30)).item()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the non-blocking copies above have landed
     report.seconds = time.perf_counter() - started
     if device.type == "cuda":
         report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
@@ -260,20 +262,30 @@ def quantize_layers(
     start: int = 0,
     on_layer_done: Callable[[LayerResult, list[torch.Tensor]], None] | None = None,
 ) -> list[LayerResult]:
-    """Quantize decoder layers start.. in order; each layer visits the device only while it is processed."""
+    """Quantize decoder layers start.. in order; each layer visits the device only while it is processed.
+
+    The model itself keeps its original 16-bit weights (copying the fake-quantized ones back would cost a
+    device-to-host transfer per layer for nothing): the quantized state is in the results' tensors.
+    """
     layers: Sequence[nn.Module] = model.get_submodule(spec.decoder_layers)
     results = []
     with _tf32_on_cuda(torch.device(device)):
         for index in range(start, len(layers)):
             layer = layers[index]
+            host_state = {name: t.data for name, t in _tensors(layer)}
             layer.to(device)
             result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
-            layer.to("cpu")
+            for name, t in _tensors(layer):
+                t.data = host_state[name]
             inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs)
             results.append(result)
             if on_layer_done is not None:
                 on_layer_done(result, next_hidden)
     return results
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
 
 
 @contextmanager

@@ -58,14 +58,18 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> to
 
 def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
     """quantize -> dequantize, returned in w's dtype: the weight the int4 checkpoint will compute with."""
+    g = _grouped(w.to(torch.float32, copy=True), group_size)
+    return fake_quantize_groups_(g, bits).reshape(w.shape).to(w.dtype)
+
+
+def fake_quantize_groups_(g: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """In place on float32 groups [..., group_size]: the searches' hot path, so no temporaries of g's size."""
     max_int = 2**bits - 1
-    g = _grouped(w.float(), group_size)
     w_max = g.amax(dim=-1, keepdim=True)
     w_min = g.amin(dim=-1, keepdim=True)
-    s = ((w_max - w_min).clamp(min=1e-5) / max_int).to(torch.float16).float()
-    z = (-torch.round(w_min / s)).clamp(0, max_int)
-    out = ((torch.round(g / s) + z).clamp(0, max_int) - z) * s
-    return out.reshape(w.shape).to(w.dtype)
+    s = ((w_max - w_min).clamp_(min=1e-5) / max_int).to(torch.float16).float()
+    z = (-torch.round(w_min / s)).clamp_(0, max_int)
+    return g.div_(s).round_().add_(z).clamp_(0, max_int).sub_(z).mul_(s)
 
 
 def _pack_columns(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.awq.quant import fake_quantize
+from quantkit.awq.quant import fake_quantize, fake_quantize_groups_
 from quantkit.awq.settings import QuantSettings
 
 
@@ -62,13 +62,23 @@ class ScaleChoice:
     losses: tuple[float, ...]  # one per grid point
 
 
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in float32; 16-bit operands stay 16-bit on CUDA (tensor cores)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return a.float() @ b.float()
+
+
 def gram(batches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """X^T X in float32 over every token, and the token count."""
+    """X^T X over every token (float32 accumulation), and the token count."""
     total = None
     count = 0
     for x in batches:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        part = flat.t() @ flat
+        flat = x.reshape(-1, x.shape[-1])
+        part = _mm_float32(flat.t(), flat)
         total = part if total is None else total + part
         count += flat.shape[0]
     return total, count
@@ -83,6 +93,10 @@ def search_scales_linear(
 ) -> ScaleChoice:
     """Scale search for a group whose inspected block is the single linear `weight` [out, in]."""
     g, tokens = gram(inputs)
+    # On a GPU the (W' - W) G products run in the weight's 16-bit dtype: W' - W is small, so its rounding
+    # is relative to the error itself, and the sums accumulate in float32.
+    product_dtype = weight.dtype if weight.is_cuda else torch.float32
+    g = g.to(product_dtype)
     w_mean = weight_channel_mean([weight], settings.group_size)
     ratios = [i / settings.scale_grid for i in range(settings.scale_grid)]
     per_batch = max(1, max_candidates_bytes // (weight.numel() * 4 * 2))
@@ -97,7 +111,8 @@ def search_scales_linear(
                 for r in chunk
             ]
         )
-        errs = ((deltas @ g) * deltas).sum(dim=(1, 2)) / (tokens * weight.shape[0])
+        projected = (deltas.to(product_dtype) @ g).float()
+        errs = (projected * deltas).sum(dim=(1, 2)) / (tokens * weight.shape[0])
         losses.extend(errs.tolist())
     return _best(ratios, losses, x_mean, w_mean, settings)
 
@@ -115,7 +130,7 @@ def search_scales_block(
     """
     w_mean = weight_channel_mean([lin.weight for lin in linears], settings.group_size)
     originals = [lin.weight.data.clone() for lin in linears]
-    reference = [run_block(i, x) for i, x in enumerate(inputs)]
+    reference = [run_block(i, x).float() for i, x in enumerate(inputs)]
     ratios = [i / settings.scale_grid for i in range(settings.scale_grid)]
     losses: list[float] = []
     try:
@@ -126,9 +141,9 @@ def search_scales_block(
             err = torch.zeros((), dtype=torch.float64, device=x_mean.device)
             count = 0
             for i, x in enumerate(inputs):
-                out = run_block(i, x)
-                err += (out.float() - reference[i].float()).pow(2).sum()
-                count += out.numel()
+                diff = run_block(i, x).float().sub_(reference[i]).view(-1)
+                err += torch.dot(diff, diff)
+                count += diff.numel()
             losses.append(err.item() / count)
     finally:
         for lin, w in zip(linears, originals):
@@ -169,20 +184,19 @@ def search_clip(weight: torch.Tensor, tokens: torch.Tensor, settings: QuantSetti
     groups = in_features // gs
     x = tokens.float().reshape(-1, groups, gs).permute(1, 0, 2)  # [groups, n, gs]
     gram_per_group = x.transpose(1, 2) @ x / x.shape[1]  # [groups, gs, gs]
-    w = weight.float().reshape(out_features, groups, gs)
-    org_max = w.abs().amax(dim=-1)  # [out, groups]
+    w = weight.float().reshape(out_features, groups, gs).transpose(0, 1).contiguous()  # [groups, out, gs]
+    org_max = w.abs().amax(dim=-1)  # [groups, out]
     best_err = torch.full_like(org_max, float("inf"))
     best_max = org_max.clone()
     for step in range(int(settings.clip_max_shrink * settings.clip_grid)):
         max_val = org_max * (1 - step / settings.clip_grid)
-        clipped = torch.maximum(torch.minimum(w, max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
-        q = fake_quantize(clipped.reshape(out_features, in_features), settings.bits, gs).float()
-        delta = (q.reshape(out_features, groups, gs) - w).permute(1, 0, 2)  # [groups, out, gs]
-        err = ((delta @ gram_per_group) * delta).sum(dim=-1).t()  # [out, groups]
+        bound = max_val.unsqueeze(-1)
+        delta = fake_quantize_groups_(torch.clamp(w, -bound, bound), settings.bits).sub_(w)
+        err = (torch.bmm(delta, gram_per_group) * delta).sum(dim=-1)  # [groups, out]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)
-    return best_max, best_err.mean().item()
+    return best_max.t().contiguous(), best_err.mean().item()
 
 
 def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
