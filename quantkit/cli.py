@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
-from quantkit.errors import QuantkitError
+from quantkit import api
+from quantkit.errors import InputError, QuantkitError
 
 app = typer.Typer(
     name="quantkit",
@@ -26,8 +33,211 @@ def main() -> None:
     try:
         app()
     except QuantkitError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
+@app.callback()
+def _commands() -> None:
+    """Keeps `quantkit COMMAND ...` a command group even while a single command is registered (Typer would
+    otherwise run that command as the program itself)."""
+
+
 # Commands are registered below this line, one section per command.
+
+
+# --- download -------------------------------------------------------------------------------------------
+
+
+@app.command("download")
+def download_command(
+    model: Annotated[str, typer.Argument(help="Hub repo id, ORG/NAME.")],
+    revision: Annotated[str, typer.Option("--revision", "-r", help="Branch, tag or commit.")] = "main",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Target folder (default HF cache).")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeat).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob (repeat).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Download over another model's folder.")] = False,
+) -> None:
+    """Download a model from the Hub (HF_ENDPOINT, HF_TOKEN honoured) pinned to one commit, with a sha256
+    manifest.
+
+    Example: quantkit download openbmb/MiniCPM-V-2_6 --out models/minicpmv26 --exclude '*.md'
+    """
+    result = api.download(model, revision=revision, out_dir=out, allow_patterns=include or None,
+                          ignore_patterns=exclude or None, force=force)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    state = "already present" if result.already_present else "downloaded"
+    typer.echo(f"{result.repo_id}@{result.revision} -> commit {result.commit}")
+    typer.echo(f"{state}: {len(result.files)} files, {result.total_bytes / 2**20:.1f} MiB in {result.folder}")
+    typer.echo(f"manifest: {result.manifest_path}")
+
+
+# --- quantize -------------------------------------------------------------------------------------------
+
+
+@app.command("quantize")
+def quantize_command(
+    source: Annotated[Path, typer.Argument(help="16-bit model folder (e.g. from `quantkit download`).")],
+    out: Annotated[Path, typer.Argument(help="Release folder to create (int4 AWQ, vLLM-ready).")],
+    calib: Annotated[str, typer.Option(
+        help="Calibration data: a .txt/.jsonl/.parquet file, a folder of them, a `datasets` id ORG/NAME[:CONFIG], "
+        "or builtin:pydoc (English prose shipped with Python). jsonl rows with `image`/`images` go through "
+        "the model's vision path.")] = "builtin:pydoc",
+    calib_revision: Annotated[str | None, typer.Option(help="Dataset revision (commit) for a `datasets` id.")] = None,
+    calib_split: Annotated[str, typer.Option(help="Dataset split for a `datasets` id.")] = "train",
+    text_field: Annotated[str, typer.Option(help="Text column / JSON field of the calibration rows.")] = "text",
+    n_samples: Annotated[int, typer.Option(help="Calibration samples (text blocks of --seq-len tokens).")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
+    group_size: Annotated[int, typer.Option(help="Weights per quantization group (input channels).")] = 128,
+    no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip the clip search (faster, less accurate).")] = False,
+    device: Annotated[str, typer.Option(help="auto (GPU when visible), cuda, cuda:N or cpu.")] = "auto",
+    shard_size_gb: Annotated[float, typer.Option(help="Largest safetensors shard, GiB.")] = 4.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """AWQ int4 (4 bit, group 128, zero point, GEMM layout) of the LLM's decoder layers, layer by layer on the
+    GPU; vision tower, resampler, embeddings and lm_head stay 16-bit. A killed run resumes when re-run.
+
+    Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --calib data/calib.jsonl
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    settings = api.QuantSettings(group_size=group_size, clip=not no_clip)
+    with Progress(TextColumn("[bold]quantize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[detail]}"), console=console) as progress:
+        task = progress.add_task("layers", total=None, detail="calibrating")
+
+        def layer_done(report, n_layers: int) -> None:
+            peak = f", peak GPU {report.peak_gpu_bytes / 2**30:.1f} GiB" if report.peak_gpu_bytes else ""
+            progress.update(task, total=n_layers, completed=report.index + 1,
+                            detail=f"layer {report.index}: {report.seconds:.1f} s{peak}")
+
+        result = api.quantize(source, out, calib=calib, calib_revision=calib_revision, calib_split=calib_split,
+                              text_field=text_field, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                              settings=settings, device=device, force=force,
+                              max_shard_bytes=int(shard_size_gb * 2**30), on_layer_done=layer_done)
+    seconds = result.seconds
+    resumed = f" (resumed at layer {result.resumed_from_layer})" if result.resumed_from_layer else ""
+    typer.echo(f"quantized {len(result.layers)} layers on {result.device} in {seconds.get('layers_s', 0):.1f} s"
+               f"{resumed}; calibration {result.calibration['text_blocks']} x {result.calibration['seq_len']} "
+               f"tokens + {result.calibration['multimodal_samples']} image samples")
+    typer.echo(f"release: {result.out_dir}")
+
+
+# --- verify ---------------------------------------------------------------------------------------------
+
+
+def _print_static_report(report: api.StaticReport) -> None:
+    """One row per check (✓ passed, ✗ failed, – skipped), then the size ratio and dequantization error."""
+    table = Table(title=f"static checks: {report.folder}", title_justify="left")
+    table.add_column("", width=1)
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", overflow="fold")
+    for check in report.checks:
+        mark = Text("–", style="dim") if check.skipped else Text("✓", style="green") if check.ok \
+            else Text("✗", style="bold red")
+        table.add_row(mark, check.name, Text(check.message))
+    out = Console(soft_wrap=False)
+    out.print(table)
+    summary = report.summary
+    if summary.get("size_ratio") is not None:
+        out.print(Text(f"size: {summary['release_bytes'] / 2**20:.1f} MiB = {summary['size_ratio']:.3f} x the "
+                       f"{summary['size_basis']} ({summary['reference_bytes'] / 2**20:.1f} MiB)"))
+    if summary.get("rel_error_max") is not None:
+        out.print(Text(f"dequantization error: max {summary['rel_error_max']:.4f} "
+                       f"({summary['rel_error_worst']}), mean {summary['rel_error_mean']:.4f}"))
+    verdict = "all checks passed" if report.ok else f"{summary['failed']} check(s) failed"
+    out.print(Text(verdict, style="green" if report.ok else "bold red"))
+
+
+@app.command("verify")
+def verify_command(
+    folder: Annotated[Path, typer.Argument(help="The release folder to check.")],
+    static: Annotated[bool, typer.Option(
+        "--static", help="Run only the static checks: files, headers, index, layout, values, config, manifest; "
+        "no model code, no GPU.")] = False,
+    source: Annotated[Path | None, typer.Option(
+        "--source", help="The 16-bit folder the release was made from: adds bit-identity of the 16-bit tensors "
+        "and the per-linear dequantization error.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a table.")] = False,
+    max_rel_error: Annotated[float, typer.Option(
+        "--max-rel-error", help="Fail a quantized linear whose relative error ||dequant(W) - W|| / ||W|| "
+        "(AWQ scaling undone) exceeds this.")] = 0.2,
+) -> None:
+    """Check a release folder before it is served or uploaded; exit 0 when every check passes, 1 otherwise.
+
+    Example: quantkit verify releases/minicpmv26-awq --static --source models/minicpmv26
+    """
+    if not static:
+        raise InputError("verify: pass --static (the static checks are the only verify part available yet).")
+    reports = {"static": api.verify_static(folder, source=source, max_rel_error=max_rel_error)}
+    ok = all(report.ok for report in reports.values())
+    if as_json:
+        document = {"folder": str(folder), "ok": ok, **{part: report.to_dict() for part, report in reports.items()}}
+        typer.echo(json.dumps(document, indent=2, default=str))
+    else:
+        _print_static_report(reports["static"])
+    raise typer.Exit(0 if ok else 1)
+
+
+# --- eval -----------------------------------------------------------------------------------------------
+
+
+def _print_eval_report(report: api.EvalReport) -> None:
+    """Perplexity (and the reference's), then KL / agreement and the per-layer output errors."""
+    out = Console(soft_wrap=False)
+    table = Table(title=f"eval: {report.model}", title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right")
+    table.add_row("perplexity", f"{report.perplexity:.4f}")
+    if report.reference is not None:
+        table.add_row("reference perplexity", f"{report.reference_perplexity:.4f}")
+        table.add_row("mean KL(reference || model), nats/token", f"{report.kl_mean:.5f}")
+        table.add_row("top-1 agreement", f"{report.top1_agreement:.4f}")
+        worst = max(range(len(report.layer_errors)), key=report.layer_errors.__getitem__)
+        table.add_row("layer output error, last layer", f"{report.layer_errors[-1]:.4f}")
+        table.add_row(f"layer output error, worst (layer {worst})", f"{report.layer_errors[worst]:.4f}")
+    out.print(table)
+    if report.reference is not None:
+        errors = " ".join(f"{e:.3f}" for e in report.layer_errors)
+        out.print(Text(f"per-layer output error ||h - h_ref|| / ||h_ref||: {errors}"))
+    out.print(Text(f"{report.n_blocks} x {report.seq_len} tokens of {report.text_source}, {report.device} "
+                   f"{report.dtype}, {report.seconds:.1f} s"))
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="Model folder: 16-bit, or a quantkit int4 AWQ release.")],
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="The 16-bit folder to compare with: adds KL, top-1 agreement, per-layer error.")] = None,
+    text: Annotated[str, typer.Option(
+        "--text", help="A UTF-8 text file, or builtin:pydoc (the held-out half of Python's pydoc topics; "
+        "calibration uses the other half).")] = "builtin:pydoc",
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="A `datasets` id ORG/NAME[:CONFIG] to evaluate on instead of --text.")] = None,
+    split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
+    text_field: Annotated[str, typer.Option(help="Text column of --dataset.")] = "text",
+    seq_len: Annotated[int, typer.Option(help="Tokens per block (blocks do not overlap).")] = 512,
+    n_samples: Annotated[int | None, typer.Option(help="Blocks to evaluate (default: all the text).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Perplexity on held-out text; with --reference, how far the model is from it on the same tokens.
+
+    Int4 releases are dequantized in torch (no GPU kernel needed); MiniCPM-V is evaluated on its LLM.
+
+    Example: quantkit eval releases/minicpmv26-awq --reference models/minicpmv26 --n-samples 40
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=as_json) as progress:
+        task = progress.add_task("blocks", total=None)
+        report = api.evaluate(model, reference, text=text, dataset=dataset, split=split, text_field=text_field,
+                              seq_len=seq_len, n_samples=n_samples, device=device,
+                              on_block_done=lambda done, total: progress.update(task, total=total, completed=done))
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        _print_eval_report(report)

@@ -1,0 +1,99 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hub_server import HubProxy, LocalHub, OlahServer, ServedRepo, commit_model_repo, free_port
+from safetensors.numpy import save as save_safetensors
+
+
+def _tiny_model_files() -> dict[str, bytes]:
+    """A model-like folder: remote-code config + .py, a 4 MiB binary, a real safetensors file."""
+    config = {"model_type": "minicpmv", "auto_map": {"AutoModel": "modeling_tiny.TinyModel"}}
+    weights = {"llm.embed_tokens.weight": np.arange(64 * 32, dtype=np.float32).reshape(64, 32)}
+    return {
+        "config.json": json.dumps(config, indent=2).encode(),
+        "modeling_tiny.py": b'"""Remote code of the test model."""\n\n\nclass TinyModel:\n    pass\n',
+        "big.bin": random.Random(0).randbytes(4 * 2**20),
+        "model.safetensors": save_safetensors(weights),
+    }
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
+    """olah on 127.0.0.1 serving `org/tiny`, `org/other` and `org/large` from plain git repos (see
+    tests/hub_server.py)."""
+    root = tmp_path_factory.mktemp("local-hub")
+    mirrors = root / "mirrors"
+    repos = {}
+    for repo_id, files in (
+        ("org/tiny", _tiny_model_files()),
+        ("org/other", {"config.json": b'{"model_type": "llama"}\n', "weights.bin": b"\x01" * 4096}),
+        # over huggingface_hub's 10 MiB download chunk, the granularity at which it resumes a cut transfer
+        ("org/large", {"shard.bin": random.Random(1).randbytes(12 * 2**20)}),
+    ):
+        repos[repo_id] = ServedRepo(repo_id, commit_model_repo(mirrors, repo_id, files), files)
+    server = OlahServer(root, mirrors)
+    server.start()
+    try:
+        yield LocalHub(server.url, server, repos["org/tiny"], repos["org/other"], repos["org/large"])
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hub_proxy(local_hub: LocalHub) -> Iterator[HubProxy]:
+    """A fresh proxy in front of the local Hub, for cut / stalled transfers, Range and gated repos."""
+    proxy = HubProxy(local_hub.url)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """An endpoint nothing listens on."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def standin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TINY MiniCPM-V 2.6 stand-in (seed 0), built once per session (~5 s). Shared: treat as read-only."""
+    from quantkit.testing.standin import build_standin
+
+    return build_standin(tmp_path_factory.mktemp("standin") / "minicpmv26-tiny")
+
+
+@pytest.fixture(scope="session")
+def rtn_release(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in quantized by round-to-nearest and written as a release in 64 MiB shards (3 shards), built
+    once per session. Shared: treat as read-only (tests that damage it work on a copy)."""
+    from quantkit.archs import spec_for_config
+    from quantkit.awq.rtn import rtn_layer_tensors
+    from quantkit.awq.settings import QuantSettings
+    from quantkit.io.release import write_release
+
+    spec = spec_for_config(json.loads((standin_dir / "config.json").read_text()))
+    settings = QuantSettings()
+    return write_release(standin_dir, tmp_path_factory.mktemp("release") / "minicpmv26-tiny-rtn",
+                         rtn_layer_tensors(standin_dir, spec, settings), spec, settings,
+                         max_shard_bytes=64 * 2**20, manifest_extra={"quantization": {"backend": "rtn"}})
+
+
+@pytest.fixture(scope="session")
+def awq_release(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in quantized by the native AWQ engine on the CPU (8 x 128 pydoc tokens), built once per
+    session. Shared: treat as read-only."""
+    from quantkit.api import quantize
+
+    out = tmp_path_factory.mktemp("awq") / "minicpmv26-tiny-awq"
+    quantize(standin_dir, out, calib="builtin:pydoc", n_samples=8, seq_len=128, device="cpu")
+    return out
