@@ -9,8 +9,8 @@ Only the current layer and the activations live on the compute device.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
