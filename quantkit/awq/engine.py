@@ -272,7 +272,9 @@ def quantize_layers(
     with _tf32_on_cuda(torch.device(device)):
         for index in range(start, len(layers)):
             layer = layers[index]
-            host_state = {name: t.data for name, t in _tensors(layer)}
+            # on the host itself, .to() is a no-op and the searches' in-place scaling would hit these tensors
+            same_device = next(layer.parameters()).device == torch.device(device)
+            host_state = {name: t.data.clone() if same_device else t.data for name, t in _tensors(layer)}
             layer.to(device)
             result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
             for name, t in _tensors(layer):

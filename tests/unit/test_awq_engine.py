@@ -111,3 +111,17 @@ def test_decoder_layer_awq_beats_round_to_nearest(tiny_qwen2):
 def test_settings_refuse_what_the_gemm_layout_cannot_hold(kwargs, message):
     with pytest.raises(InputError, match=message):
         QuantSettings(**kwargs)
+
+
+def test_quantize_layers_leaves_the_model_unchanged(tiny_qwen2):
+    """The quantized state lives in the results; the model keeps computing the 16-bit function."""
+    from quantkit.awq.engine import quantize_layers
+
+    model = tiny_qwen2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(7))
+    inputs = capture_layer_inputs(model, QWEN2, [lambda: model(input_ids=ids)], "cpu")
+    results = quantize_layers(model, QWEN2, QuantSettings(), inputs, "cpu")
+    assert len(results) == 2
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -7,6 +7,8 @@ per prompt, the [start, end) token ranges of the `<unk>` runs that the model ove
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -15,6 +17,10 @@ IMAGE_PATTERN = "(<image>./</image>)"
 
 
 class MiniCPMVProcessor(ProcessorMixin):
+    attributes: ClassVar[list[str]] = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 

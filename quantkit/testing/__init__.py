@@ -1,0 +1,1 @@
+"""Test models built locally: the faithful MiniCPM-V stand-in and the real SmolLM2-135M checkpoint."""

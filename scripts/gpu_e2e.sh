@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# End to end on one GPU with vLLM: MiniCPM-V 2.6 at its real shapes (random weights) -> quantkit quantize ->
+# quantkit verify against the 16-bit model (vLLM loads both, prompt suite, parity, speed/memory table).
+#
+#   bash scripts/gpu_e2e.sh build     # stand-in at real shapes + quantize (about 5 min on an H100)
+#   bash scripts/gpu_e2e.sh verify    # vLLM: both variants, default kernel choice
+#   bash scripts/gpu_e2e.sh marlin    # the int4 variant again with Machete disabled (Marlin), speed only
+#
+# Needs vLLM importable (on the lent H100: ../shared/device/README.md's three staging calls, then
+# `export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn`).
+# WORK (default /root/quantkit-e2e) holds the models; OUT (default $WORK/out) receives logs and reports.
+set -euo pipefail
+WORK=${WORK:-/root/quantkit-e2e}
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK" "$OUT"
+FP16="$WORK/minicpmv26-real-bf16"
+INT4="$WORK/minicpmv26-real-awq"
+
+case "${1:-}" in
+  build)
+    [ -f "$FP16/config.json" ] || time python3 -m quantkit.testing.standin --size real "$FP16"
+    python3 -m quantkit quantize "$FP16" "$INT4" --device cuda --n-samples 128 --seq-len 512 --force \
+        2>&1 | tee "$OUT/quantize.log" | tail -n 5
+    python3 -m quantkit verify "$INT4" --static --source "$FP16" --json > "$OUT/static.json" || true
+    python3 - "$INT4" <<'PY'
+import json, sys
+m = json.load(open(f"{sys.argv[1]}/quantkit-manifest.json"))
+q = m["quantization"]
+print("quantize seconds:", {k: round(v, 1) for k, v in q["seconds"].items()})
+print("peak GPU GiB per layer (max):", max(l["peak_gpu_bytes"] or 0 for l in q["layers"]) / 2**30)
+PY
+    du -sh "$FP16" "$INT4"
+    ;;
+  verify)
+    python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 2>&1 | tee "$OUT/verify.log" | tail -n 40
+    cp "$INT4"/verify-report.* "$OUT/"
+    ;;
+  marlin)
+    VLLM_DISABLED_KERNELS=MacheteLinearKernel python3 -m quantkit verify "$INT4" --reference "$FP16" \
+        --gpu-memory-gb 24 2>&1 | tee "$OUT/verify-marlin.log" | tail -n 40
+    mkdir -p "$OUT/marlin" && cp "$INT4"/verify-report.* "$OUT/marlin/"
+    ;;
+  *)
+    echo "usage: $0 build|verify|marlin" >&2
+    exit 2
+    ;;
+esac
