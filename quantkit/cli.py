@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -77,6 +79,24 @@ def download_command(
 # --- quantize -------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _layer_progress(transient: bool = False) -> Iterator[Callable]:
+    """A bar over the decoder layers with elapsed time, the last layer's seconds and peak GPU memory; yields
+    the `on_layer_done(report, n_layers)` callback for api.quantize / api.run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]quantize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[detail]}"), console=console, transient=transient) as progress:
+        task = progress.add_task("layers", total=None, detail="", visible=False)  # shown from the first layer
+
+        def layer_done(report, n_layers: int) -> None:
+            peak = f", peak GPU {report.peak_gpu_bytes / 2**30:.1f} GiB" if report.peak_gpu_bytes else ""
+            progress.update(task, total=n_layers, completed=report.index + 1, visible=True,
+                            detail=f"layer {report.index}: {report.seconds:.1f} s{peak}")
+
+        yield layer_done
+
+
 @app.command("quantize")
 def quantize_command(
     source: Annotated[Path, typer.Argument(help="16-bit model folder (e.g. from `quantkit download`).")],
@@ -105,18 +125,8 @@ def quantize_command(
 
     Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --calib data/calib.jsonl
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     settings = api.QuantSettings(group_size=group_size, clip=not no_clip)
-    with Progress(TextColumn("[bold]quantize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[detail]}"), console=console) as progress:
-        task = progress.add_task("layers", total=None, detail="calibrating")
-
-        def layer_done(report, n_layers: int) -> None:
-            peak = f", peak GPU {report.peak_gpu_bytes / 2**30:.1f} GiB" if report.peak_gpu_bytes else ""
-            progress.update(task, total=n_layers, completed=report.index + 1,
-                            detail=f"layer {report.index}: {report.seconds:.1f} s{peak}")
-
+    with _layer_progress() as layer_done:
         result = api.quantize(source, out, calib=calib, calib_revision=calib_revision, calib_split=calib_split,
                               text_field=text_field, n_samples=n_samples, seq_len=seq_len, seed=seed,
                               settings=settings, device=device, force=force, backend=backend,
@@ -344,18 +354,10 @@ def run_command(
 
     Example: quantkit run recipes/demo-tiny.yaml
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     def event(line: str) -> None:
         console.print(Text(line), highlight=False, soft_wrap=True)
 
-    with Progress(TextColumn("[bold]quantize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("layers", total=None, visible=False)
-
-        def layer_done(report, n_layers: int) -> None:
-            progress.update(task, total=n_layers, completed=report.index + 1, visible=True)
-
+    with _layer_progress(transient=True) as layer_done:
         result = api.run(recipe, from_stage=from_stage, until_stage=until_stage, dry_run=dry_run, force=force,
                          on_event=event, on_layer_done=layer_done)
     for warning in result.warnings:

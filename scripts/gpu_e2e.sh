@@ -9,16 +9,18 @@
 # Needs vLLM importable (on the lent H100: ../shared/device/README.md's three staging calls, then
 # `export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn`).
 # WORK (default /root/quantkit-e2e) holds the models; OUT (default $WORK/out) receives logs and reports.
+# SIZE=tiny runs the same steps on the tiny stand-in (minutes less; proves loading, not speed).
 set -euo pipefail
 WORK=${WORK:-/root/quantkit-e2e}
 OUT=${OUT:-$WORK/out}
+SIZE=${SIZE:-real}
 mkdir -p "$WORK" "$OUT"
-FP16="$WORK/minicpmv26-real-bf16"
-INT4="$WORK/minicpmv26-real-awq"
+FP16="$WORK/minicpmv26-$SIZE-bf16"
+INT4="$WORK/minicpmv26-$SIZE-awq"
 
 case "${1:-}" in
   build)
-    [ -f "$FP16/config.json" ] || time python3 -m quantkit.testing.standin --size real "$FP16"
+    [ -f "$FP16/config.json" ] || time python3 -m quantkit.testing.standin --size "$SIZE" "$FP16"
     python3 -m quantkit quantize "$FP16" "$INT4" --device cuda --n-samples 128 --seq-len 512 --force \
         2>&1 | tee "$OUT/quantize.log" | tail -n 5
     python3 -m quantkit verify "$INT4" --static --source "$FP16" --json > "$OUT/static.json" || true

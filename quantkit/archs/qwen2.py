@@ -26,24 +26,20 @@ DECODER_SCALING_GROUPS = (
 
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 
-QWEN2 = ArchSpec(
-    name="qwen2",
-    model_types=("qwen2",),
-    decoder_layers="model.layers",
-    language_model="",
-    linears=DECODER_LINEARS,
-    scaling_groups=DECODER_SCALING_GROUPS,
-    no_clip=NO_CLIP,
-    keep_16bit=("model.embed_tokens", "lm_head", "model.norm"),
-)
 
-LLAMA = ArchSpec(
-    name="llama",
-    model_types=("llama", "mistral"),
-    decoder_layers="model.layers",
-    language_model="",
-    linears=DECODER_LINEARS,
-    scaling_groups=DECODER_SCALING_GROUPS,
-    no_clip=NO_CLIP,
-    keep_16bit=("model.embed_tokens", "lm_head", "model.norm"),
-)
+def _decoder_only(name: str, model_types: tuple[str, ...]) -> ArchSpec:
+    """A plain causal LM whose decoder layers are Qwen2/Llama layers under model.layers."""
+    return ArchSpec(
+        name=name,
+        model_types=model_types,
+        decoder_layers="model.layers",
+        language_model="",
+        linears=DECODER_LINEARS,
+        scaling_groups=DECODER_SCALING_GROUPS,
+        no_clip=NO_CLIP,
+        keep_16bit=("model.embed_tokens", "lm_head", "model.norm"),
+    )
+
+
+QWEN2 = _decoder_only("qwen2", ("qwen2",))
+LLAMA = _decoder_only("llama", ("llama", "mistral"))
