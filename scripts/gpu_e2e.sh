@@ -9,6 +9,9 @@
 #
 # Needs vLLM importable (on the lent H100: ../shared/device/README.md's three staging calls, then
 # `export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn`).
+# Stage it with EXTRA_PKGS=pydantic-extra-types: the kit's mistral_common 1.13.1 imports it, and without it
+# transformers 5.17's AutoProcessor fails on every model ("Could not import module 'MistralCommonBackend'"),
+# which is how vLLM loads MiniCPM-V's processor (seen 2026-11-25).
 # WORK (default /root/quantkit-e2e) holds the models; OUT (default $WORK/out) receives logs and reports.
 # SIZE=tiny runs the same steps on the tiny stand-in (minutes less; proves loading, not speed).
 set -euo pipefail
