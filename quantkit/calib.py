@@ -57,9 +57,9 @@ def pydoc_topics(split: str = "calib") -> list[str]:
 
     if split not in ("calib", "eval"):
         raise InputError(f"pydoc split {split!r}: use 'calib' or 'eval'.")
-    keys = sorted(topics)
+    texts = list(dict.fromkeys(topics[k] for k in sorted(topics)))  # some topics share one text
     start = 0 if split == "calib" else 1
-    return [topics[k] for k in keys[start::2]]
+    return texts[start::2]
 
 
 def _rows_from_table(path: Path, text_field: str) -> list[CalibSample]:

@@ -44,17 +44,18 @@ class ParityThresholds:
     min_top1_agreement: float = 0.85
     """Fraction of decisive continuation positions where both variants' most likely next token is the same."""
     top1_min_margin: float = 0.05
-    """A position is decisive when the reference's top-1 log probability beats its runner-up by this many nats.
-    Flips at near-ties say nothing about the quantization (any rounding flips them); random-weight models are
-    near-ties everywhere, so on them top-1 agreement is vacuous and KL carries the verdict."""
+    """A position is decisive when the reference's top-1 probability exceeds its runner-up's by at least this
+    (absolute, 0..1). Flips at near-ties say nothing about the quantization (any rounding flips them);
+    random-weight models spread ~1e-5 over every token, so on them no position is decisive, top-1 agreement is
+    vacuous and KL carries the verdict."""
     min_text_similarity: float | None = None
     """difflib ratio of the two greedy texts, 0..1; None: reported, not judged."""
     min_divergence_position: int | None = None
     """The greedy token sequences must agree on at least this many tokens; None: reported, not judged."""
 
     def __post_init__(self) -> None:
-        if self.top1_min_margin < 0:
-            raise InputError(f"top1_min_margin={self.top1_min_margin}: a log-probability margin must be >= 0.")
+        if not 0.0 <= self.top1_min_margin <= 1.0:
+            raise InputError(f"top1_min_margin={self.top1_min_margin}: a probability margin must lie in [0, 1].")
         if self.max_mean_kl < 0:
             raise InputError(f"max_mean_kl={self.max_mean_kl}: a KL bound must be >= 0 (nats).")
         for name in ("min_top1_agreement", "min_text_similarity"):
@@ -125,13 +126,13 @@ def top1(listed: TopLogprobs) -> int:
 
 
 def top1_margin(listed: TopLogprobs) -> float:
-    """How far the top-1 log probability is above the runner-up's (inf when only one token is listed)."""
-    ranked = sorted(listed.values(), reverse=True)
-    return ranked[0] - ranked[1] if len(ranked) > 1 else math.inf
+    """The top-1 probability minus the runner-up's (the top-1 probability when only one token is listed)."""
+    ranked = sorted((math.exp(lp) for lp in listed.values()), reverse=True)
+    return ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0)
 
 
 def decisive(reference: Sequence[TopLogprobs], min_margin: float) -> list[bool]:
-    """Per position: does the reference's top-1 lead its runner-up by at least `min_margin` nats?"""
+    """Per position: does the reference's top-1 lead its runner-up by at least `min_margin` probability?"""
     return [top1_margin(r) >= min_margin for r in reference]
 
 
