@@ -57,9 +57,12 @@ def pydoc_topics(split: str = "calib") -> list[str]:
 
     if split not in ("calib", "eval"):
         raise InputError(f"pydoc split {split!r}: use 'calib' or 'eval'.")
-    texts = list(dict.fromkeys(topics[k] for k in sorted(topics)))  # some topics share one text
-    start = 0 if split == "calib" else 1
-    return texts[start::2]
+    keys = sorted(topics)
+    evaluation = [topics[k] for k in keys[1::2]]
+    if split == "eval":
+        return evaluation
+    held_out = set(evaluation)
+    return [topics[k] for k in keys[::2] if topics[k] not in held_out]  # two topics share one text
 
 
 def _rows_from_table(path: Path, text_field: str) -> list[CalibSample]:

@@ -3,7 +3,7 @@
 # quantkit verify against the 16-bit model (vLLM loads both, prompt suite, parity, speed/memory table).
 #
 #   bash scripts/gpu_e2e.sh build     # stand-in at real shapes + quantize (about 5 min on an H100;
-#                                     # 80 x 512 calibration tokens: the pydoc calibration half holds ~42k)
+#                                     # 104 x 512 calibration tokens: the pydoc calibration half holds ~55k)
 #   bash scripts/gpu_e2e.sh verify    # vLLM: both variants, default kernel choice
 #   bash scripts/gpu_e2e.sh marlin    # the int4 variant again with Machete disabled (Marlin), speed only
 #
@@ -25,7 +25,7 @@ INT4="$WORK/minicpmv26-$SIZE-awq"
 case "${1:-}" in
   build)
     [ -f "$FP16/config.json" ] || time python3 -m quantkit.testing.standin --size "$SIZE" "$FP16"
-    python3 -m quantkit quantize "$FP16" "$INT4" --device cuda --n-samples 80 --seq-len 512 --force \
+    python3 -m quantkit quantize "$FP16" "$INT4" --device cuda --n-samples 104 --seq-len 512 --force \
         2>&1 | tee "$OUT/quantize.log" | tail -n 5
     python3 -m quantkit verify "$INT4" --static --source "$FP16" --json > "$OUT/static.json" || true
     python3 - "$INT4" <<'PY'
