@@ -159,6 +159,7 @@ def download(
 
     partials = target / ".cache" / "huggingface" / "download" if target else folder.parent.parent / "blobs"
     warnings += _remove_stale_partials(partials)
+    wanted = [path for path in wanted if path != MANIFEST_NAME]
     entries = file_entries(folder, wanted)
     warnings += _check_against_hub(entries, remote, folder, repo_id, commit)
     if leftovers:
@@ -166,7 +167,7 @@ def download(
             f"{len(leftovers)} files in {folder} are not part of {repo_id}@{commit[:12]} and were "
             f"left in place, unlisted in the manifest: {', '.join(leftovers[:5])}"
         )
-    extra = {"source": source, "remote_code": _remote_code(folder, entries, wanted)}
+    extra = _manifest_sections(folder, source, _remote_code(folder, entries, wanted))
     write_manifest(folder, extra, files=entries)
     return _result(source, folder, {**extra, "files": entries}, already_present=False, warnings=warnings)
 
@@ -235,11 +236,28 @@ def _has_token(token: str | None) -> bool:
     return bool(token) or get_token() is not None
 
 
+def download_record(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """Which Hub download a folder's manifest records. A downloaded quantkit release keeps the manifest it
+    shipped with (whose `source` is the base model it was made from) and gets the download as `download`."""
+    manifest = manifest or {}
+    return manifest.get("download") or manifest.get("source") or {}
+
+
+def _manifest_sections(folder: Path, source: dict[str, Any], remote_code: dict[str, Any]) -> dict[str, Any]:
+    """The sections of the manifest written after a download: a repo that ships its own quantkit manifest (a
+    release) keeps every section of it, so `quantkit verify --static` still reads what made the release."""
+    shipped = read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else None
+    if shipped is None or "quantization" not in shipped:
+        return {"source": source, "remote_code": remote_code}
+    kept = {key: value for key, value in shipped.items() if key not in ("schema_version", "created", "files")}
+    return {**kept, "download": source, "remote_code": remote_code}
+
+
 def _same_download(manifest: dict[str, Any], source: dict[str, Any], folder: Path) -> bool:
     """Whether `folder` already holds exactly this download: same repo, commit and patterns, and every
     listed file still there at its recorded size (a full rehash is `quantkit verify`'s job, not a
     re-run's)."""
-    recorded = manifest.get("source") or {}
+    recorded = download_record(manifest)
     keys = ("repo_id", "commit", "allow_patterns", "ignore_patterns")
     if any(recorded.get(key) != source[key] for key in keys):
         return False
@@ -261,7 +279,7 @@ def _check_target(
     this repo does not have; files of this repo alone (an interrupted earlier run) are resumed. Returns
     the foreign files that force lets stay."""
     if manifest is not None and not force:
-        recorded = manifest.get("source") or {}
+        recorded = download_record(manifest)
         if (recorded.get("repo_id"), recorded.get("commit")) != (repo_id, commit):
             held = (
                 f"{recorded['repo_id']}@{str(recorded.get('commit'))[:12]}"
@@ -394,7 +412,7 @@ def _from_local_copy(
     (huggingface_hub maps the branch to its cached commit)."""
     if target is not None:
         manifest = read_manifest(target) if target.is_dir() else None
-        recorded = (manifest or {}).get("source") or {}
+        recorded = download_record(manifest)
         if (
             manifest is None
             or recorded.get("repo_id") != repo_id
@@ -427,7 +445,7 @@ def _from_local_copy(
         return _result(source, folder, manifest, already_present=True)
     wanted = sorted(filter_repo_objects(listed_files(folder), **patterns))
     entries = file_entries(folder, wanted)
-    extra = {"source": source, "remote_code": _remote_code(folder, entries, wanted)}
+    extra = _manifest_sections(folder, source, _remote_code(folder, entries, wanted))
     write_manifest(folder, extra, files=entries)
     return _result(
         source,

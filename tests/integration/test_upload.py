@@ -15,7 +15,7 @@ import pytest
 from hub_server import LocalHub
 from hub_upload_double import FAKE_HUB_TOKEN, HubUploadDouble
 
-from quantkit.api import download, upload, verify
+from quantkit.api import download, upload, verify, verify_static
 from quantkit.card import front_matter
 from quantkit.errors import VerifyError
 from quantkit.io.manifest import MANIFEST_NAME, listed_files
@@ -69,7 +69,12 @@ def test_round_trip_one_commit_with_card_and_identical_files(verified_release: P
     received = {entry["path"]: entry["sha256"] for entry in back.files}
     sent = json.loads((folder / MANIFEST_NAME).read_text())["files"]
     assert {entry["path"]: received[entry["path"]] for entry in sent} == {e["path"]: e["sha256"] for e in sent}
-    assert set(listed_files(folder)) | {MANIFEST_NAME, ".gitattributes"} == set(received)  # + the initial commit
+    assert set(listed_files(folder)) | {".gitattributes"} == set(received)  # + the initial commit's file
+    # the release's own manifest survives the download (its provenance), with the download recorded beside it
+    manifest = json.loads((back.folder / MANIFEST_NAME).read_text())
+    assert manifest["quantization"] == json.loads((folder / MANIFEST_NAME).read_text())["quantization"]
+    assert manifest["download"]["commit"] == result.commit_oid
+    assert verify_static(back.folder).ok
 
 
 def test_dry_run_sends_nothing_and_writes_nothing(verified_release: Path, upload_double: HubUploadDouble):
