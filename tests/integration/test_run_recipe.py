@@ -145,8 +145,12 @@ def test_upload_stage_round_trip_through_the_double_and_olah(demo_run: DemoRun, 
     received = {entry["path"]: entry["sha256"] for entry in back.files}
     sent = {entry["path"]: entry["sha256"] for entry in json.loads(
         (demo_run.release / LOCK_NAME).read_text())["outputs"]["files"]}
+    # the download rewrites the release's manifest: every section it shipped with, plus the download itself
+    sent.pop("quantkit-manifest.json", None)
     assert {path: received[path] for path in sent} == sent
-    assert "README.md" in received and "quantkit-manifest.json" in received
+    assert "README.md" in received
+    manifest = json.loads((back.folder / "quantkit-manifest.json").read_text())
+    assert manifest["download"]["commit"] == commit and "quantization" in manifest
 
 
 def test_broken_recipes_fail_before_any_heavy_work(tmp_path: Path):
