@@ -15,7 +15,7 @@ import yaml
 
 from quantkit.io.manifest import file_entries, read_manifest, write_manifest
 from quantkit.recipe import LOCK_NAME, read_lock
-from quantkit.verify.report import REPORT_JSON, speed_memory_rows
+from quantkit.verify.report import REPORT_JSON, kernel_recommendation_line, speed_memory_rows
 
 CARD_NAME = "README.md"
 EVAL_REPORT = "eval-report.json"
@@ -95,6 +95,9 @@ def kernel_advice(report: dict[str, Any] | None) -> str:
               f"{' (a fast kernel)' if any(k in kernel for k in _FAST_AWQ_KERNELS) else ''}.")
     if warning:
         advice += f" Warning from verify: {warning}"
+    recommendation = kernel_recommendation_line((report or {}).get("kernel_recommendation"))
+    if recommendation:
+        advice += f" Kernels compared on that machine: {recommendation}"
     return advice + (" Do not pass `quantization=\"awq\"`: it forces the legacy kernel, several times slower "
                      "than Marlin.")
 

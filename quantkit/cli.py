@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from rich.text import Text
 
 from quantkit import api
 from quantkit.errors import QuantkitError
-from quantkit.verify.report import speed_memory_rows
+from quantkit.verify.report import kernel_recommendation_line, speed_memory_rows
 
 app = typer.Typer(
     name="quantkit",
@@ -165,6 +166,11 @@ def _print_static_report(report: api.StaticReport) -> None:
     out.print(Text(verdict, style="green" if report.ok else "bold red"))
 
 
+def _progress_line(line: str) -> None:
+    """A timestamped stage line on stderr: vLLM runs take minutes each and print nothing until they end."""
+    console.print(Text(f"{time.strftime('%H:%M:%S')} {line}", style="dim"))
+
+
 def _print_verify_report(report: api.VerifyReport) -> None:
     """Static summary, one row per prompt, the side-by-side speed/memory rows, the verdict and its reasons."""
     out = Console(soft_wrap=False)
@@ -190,6 +196,17 @@ def _print_verify_report(report: api.VerifyReport) -> None:
         for what, ref, quant in speed_memory_rows(report.variants):
             table.add_row(what, *(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in (ref, quant)))
         out.print(table)
+    if report.kernels:
+        table = Table(title="int4 linear kernels", title_justify="left")
+        for column in ("kernel", "disabled", "decode tok/s, batch 1"):
+            table.add_column(column)
+        for trial in report.kernels:
+            table.add_row(trial["kernel"] or f"failed: {trial['error']}", ",".join(trial["disabled"]) or "-",
+                          f"{trial['speed'][0]['decode_tok_s']:,.1f}" if trial["speed"] else "-")
+        out.print(table)
+        advice = kernel_recommendation_line(report.kernel_recommendation)
+        if advice:
+            out.print(Text(advice))
     for label, variant in report.variants.items():
         if variant.get("kernel_warning"):
             out.print(Text(f"warning ({label}): {variant['kernel_warning']}", style="yellow"))
@@ -226,6 +243,10 @@ def verify_command(
     min_top1: Annotated[float, typer.Option(
         "--min-top1", help="Fail a prompt whose top-1 agreement is below this.",
     )] = api.ParityThresholds.min_top1_agreement,
+    kernel_alternatives: Annotated[int, typer.Option(
+        "--kernel-alternatives", help="After the parity runs, time the int4 release again with vLLM's chosen "
+        "linear kernel disabled (VLLM_DISABLED_KERNELS), up to N times, and recommend the fastest (GPU: e.g. "
+        "Machete -> Marlin).")] = 0,
 ) -> None:
     """Check a release folder before it is served or uploaded; exit 0 when every check passes, 1 otherwise.
 
@@ -240,7 +261,8 @@ def verify_command(
     if not static:
         report = api.verify(folder, reference=reference or source, prompts=prompts,
                             thresholds=api.ParityThresholds(max_mean_kl=max_kl, min_top1_agreement=min_top1),
-                            gpu_memory_gb=gpu_memory_gb, max_tokens=max_tokens, max_rel_error=max_rel_error)
+                            gpu_memory_gb=gpu_memory_gb, max_tokens=max_tokens, max_rel_error=max_rel_error,
+                            kernel_alternatives=kernel_alternatives, progress=_progress_line, source=source)
         if as_json:
             typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
         else:

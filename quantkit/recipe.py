@@ -129,6 +129,8 @@ class VerifySection(_Section):
     gpu_memory_gb: float | None = Field(default=None, gt=0)
     max_tokens: int = Field(default=64, gt=0)
     max_rel_error: float = Field(default=0.2, gt=0)
+    kernel_alternatives: int = Field(default=0, ge=0)
+    """Re-time the int4 release with vLLM's chosen linear kernel disabled, up to this many times (GPU)."""
 
 
 class OutputSection(_Section):

@@ -503,10 +503,11 @@ class _Run:
             return StageRecord("verify", "skipped", "the report of these files and settings says PASS",
                                details={"fingerprint": fingerprint, "verdict": "PASS", "parity": self.parity_note})
         settings = self.recipe.verify
-        report = verify(self.release, reference=self.source, static_only=not self.use_vllm,
+        report = verify(self.release, reference=self.source, source=self.source, static_only=not self.use_vllm,
                         prompts=self.loaded.resolve(settings.prompts) if settings.prompts else None,
                         thresholds=self.recipe.thresholds(), gpu_memory_gb=settings.gpu_memory_gb,
-                        max_tokens=settings.max_tokens, max_rel_error=settings.max_rel_error)
+                        max_tokens=settings.max_tokens, max_rel_error=settings.max_rel_error,
+                        kernel_alternatives=settings.kernel_alternatives)
         report.settings["parity"] = self.parity_note
         if not self.use_vllm:
             report.environment["vllm_parity"] = self.parity_note

@@ -98,6 +98,14 @@ def run_layers(model, hidden: list[torch.Tensor], kwargs: list[dict], device: st
     return hidden
 
 
+def peak_gpu_gib(results) -> float:
+    """Peak GPU memory of a run that started with torch.cuda.reset_peak_memory_stats(): the largest of the
+    per-layer peaks its reports give (each backend resets the counter per layer) and the counter's reading now."""
+    torch.cuda.synchronize()
+    reported = [r.report.peak_gpu_bytes or 0 for r in results]
+    return max(torch.cuda.max_memory_allocated(), *reported) / 2**30
+
+
 def relative_mse(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     err = sum((o.float() - r.float()).pow(2).sum() for o, r in zip(outputs, reference))
     return (err / sum(r.float().pow(2).sum() for r in reference)).item()
@@ -159,7 +167,7 @@ def bench_native(args, model, held: HeldOut, device: str) -> dict:
         results = quantize_layers(model, QWEN2, settings, inputs, device)
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
-    peak = max(r.report.peak_gpu_bytes or 0 for r in results) / 2**30
+    peak = peak_gpu_gib(results)
     return {
         "backend": "native",
         "wall_s": wall,
@@ -184,7 +192,7 @@ def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
     results = quantize_with_autoawq(model, QWEN2, QuantSettings(), blocks=held.ids)
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
-    peak = max(r.report.peak_gpu_bytes or 0 for r in results) / 2**30
+    peak = peak_gpu_gib(results)
     del model
     torch.cuda.empty_cache()
     fresh = build_llm(args.layers, device, dtype, args.seed)  # AutoAWQ replaced its linears by packed modules

@@ -4,8 +4,8 @@
 #
 #   bash scripts/gpu_e2e.sh build     # stand-in at real shapes + quantize (about 5 min on an H100;
 #                                     # 104 x 512 calibration tokens: the pydoc calibration half holds ~55k)
-#   bash scripts/gpu_e2e.sh verify    # vLLM: both variants, default kernel choice
-#   bash scripts/gpu_e2e.sh marlin    # the int4 variant again with Machete disabled (Marlin), speed only
+#   bash scripts/gpu_e2e.sh verify    # vLLM: both variants (parity, speed, memory), then the int4 speed again
+#                                     # with vLLM's kernel choice disabled (Machete -> Marlin); about 7 min
 #
 # Needs vLLM importable (on the lent H100: ../shared/device/README.md's three staging calls, then
 # `export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn`).
@@ -38,16 +38,12 @@ PY
     du -sh "$FP16" "$INT4"
     ;;
   verify)
-    python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 2>&1 | tee "$OUT/verify.log" | tail -n 40
+    python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 --kernel-alternatives 1 2>&1 \
+        | tee "$OUT/verify.log" | tail -n 60 || echo "verify exited non-zero (verdict FAIL or error): see $OUT/verify.log"
     cp "$INT4"/verify-report.* "$OUT/"
     ;;
-  marlin)
-    VLLM_DISABLED_KERNELS=MacheteLinearKernel python3 -m quantkit verify "$INT4" --reference "$FP16" \
-        --gpu-memory-gb 24 2>&1 | tee "$OUT/verify-marlin.log" | tail -n 40
-    mkdir -p "$OUT/marlin" && cp "$INT4"/verify-report.* "$OUT/marlin/"
-    ;;
   *)
-    echo "usage: $0 build|verify|marlin" >&2
+    echo "usage: $0 build|verify" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from quantkit.errors import DependencyError, InputError
 from quantkit.verify.capacity import fit_in_memory, kv_bytes_per_token
+from quantkit.verify.kernels import compare_kernels, recommend
 from quantkit.verify.parity import ParityThresholds, overall_verdict, prompt_parity
 from quantkit.verify.prompts import Prompt, load_prompts
 from quantkit.verify.report import VerifyReport, write_report
@@ -83,6 +85,14 @@ def _memory_fit(gpu_memory_gb: float, runs: dict[str, VariantRun], config: dict[
             for label, run in runs.items() if run.ok and run.weights_bytes is not None}
 
 
+def _run_line(run: VariantRun) -> str:
+    if not run.ok:
+        return f"vLLM: {run.label} failed after {run.wall_s:.0f} s: {run.error}"
+    decode = f", decode {run.speed[0]['decode_tok_s']:.1f} tok/s at batch 1" if run.speed else ""
+    return (f"vLLM: {run.label} done in {run.wall_s:.0f} s (engine start {run.engine_start_s:.0f} s, "
+            f"kernel {run.kernel}{decode})")
+
+
 def verify(
     folder: str | Path,
     reference: str | Path | None = None,
@@ -94,12 +104,19 @@ def verify(
     *,
     engine: EngineSettings | None = None,
     max_rel_error: float = 0.2,
+    kernel_alternatives: int = 0,
+    progress: Callable[[str], None] | None = None,
+    source: str | Path | None = None,
 ) -> VerifyReport:
     """Verify the int4 release `folder` against its 16-bit `reference` and write verify-report.{json,md}.
 
     `static_only` stops after the file checks (no vLLM). `prompts`: a jsonl suite replacing the shipped one.
     `gpu_memory_gb` adds the calculated max length / batch on a GPU of that size (GiB). `engine` tunes vLLM
-    (max_model_len, top-k, speed plan); its max_tokens is replaced by `max_tokens`.
+    (max_model_len, top-k, speed plan); its max_tokens is replaced by `max_tokens`. `kernel_alternatives` > 0
+    re-times the int4 release with vLLM's chosen kernel disabled, up to that many times, and recommends the
+    fastest (quantkit.verify.kernels). `progress` receives a line as each stage starts and ends. `source`: the
+    16-bit folder the release was made from, for the static checks' tensor-by-tensor comparison (reads every
+    shard of both: minutes for a 7B model); without it they check the release's files alone.
     Raises InputError / DependencyError for unusable arguments or a missing vLLM; a release that fails, or a
     variant that cannot load, gives a report with passed=False and the reasons.
     """
@@ -117,7 +134,9 @@ def verify(
             raise DependencyError(f"verify needs vLLM to load both variants; install it: {VLLM_INSTALL_HINT}.")
         suite = load_prompts(prompts)
 
-    static = verify_static(folder, source=reference_dir, max_rel_error=max_rel_error)
+    say = progress or (lambda line: None)
+    say("static checks")
+    static = verify_static(folder, source=source, max_rel_error=max_rel_error)
     report = VerifyReport(
         folder=str(folder.resolve()), reference=str(reference_dir.resolve()) if reference_dir else None,
         passed=static.ok, reasons=[f"static check {c.name}: {c.message}" for c in static.failed()],
@@ -133,10 +152,19 @@ def verify(
     report.settings = {**asdict(engine), "prompts": str(prompts) if prompts else "default suite"}
     report.prompts = [_prompt_record(p) for p in suite]
     dtype = _release_dtype(folder)
+    say(f"vLLM: 16-bit reference {reference_dir} ({len(suite)} prompts, then speed)")
     runs = {"reference": run_variant("reference", reference_dir, suite, engine, dtype=dtype)}
+    say(_run_line(runs["reference"]))
     if runs["reference"].ok:
         teacher = {p.id: p.token_ids for p in runs["reference"].prompts}
+        say(f"vLLM: int4 release {folder} (teacher-forced on the reference's outputs, then speed)")
         runs["int4"] = run_variant("int4", folder, suite, engine, teacher=teacher, dtype=dtype)
+        say(_run_line(runs["int4"]))
+    if kernel_alternatives and runs.get("int4") and runs["int4"].ok:
+        trials = compare_kernels(folder, runs["int4"], engine, dtype=dtype, max_alternatives=kernel_alternatives,
+                                 progress=say)
+        report.kernels = [trial.as_dict() for trial in trials]
+        report.kernel_recommendation = recommend(trials)
     report.variants = {label: run.summary() for label, run in runs.items()}
     report.environment = _environment(list(runs.values()))
     failed = [(label, run) for label, run in runs.items() if not run.ok]

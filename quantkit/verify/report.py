@@ -32,6 +32,9 @@ class VerifyReport:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     """"reference" / "int4" -> engine facts (kernel, weights, KV tokens, speed, start time) or the load error."""
     memory_fit: dict[str, dict[str, Any]] | None = None
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    """int4 speed per vLLM linear kernel (quantkit.verify.kernels.KernelTrial), vLLM's default choice first."""
+    kernel_recommendation: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -86,6 +89,19 @@ def speed_memory_rows(variants: dict[str, dict[str, Any]]) -> list[tuple[str, An
     return rows
 
 
+def kernel_recommendation_line(recommendation: dict[str, Any] | None) -> str | None:
+    """One sentence: the fastest measured kernel and the environment that selects it."""
+    if not recommendation:
+        return None
+    if recommendation["is_default"]:
+        return (f"Recommended: vLLM's default, `{recommendation['kernel']}` (fastest batch-1 decode measured, "
+                f"{recommendation['decode_tok_s_batch1']:.1f} tok/s).")
+    env = " ".join(f"{key}={value}" for key, value in recommendation["env"].items())
+    return (f"Recommended: `{recommendation['kernel']}`: start vLLM with `{env}` "
+            f"({recommendation['speedup_vs_default']:.2f}x vLLM's default choice at batch-1 decode, "
+            f"{recommendation['decode_tok_s_batch1']:.1f} tok/s).")
+
+
 def _code(text: str) -> str:
     return "```text\n" + text.replace("```", "`\u200b``") + "\n```"
 
@@ -106,7 +122,8 @@ def render_markdown(report: VerifyReport) -> str:
         counts = (f"{summary.get('passed', 0)} passed, {summary.get('failed', 0)} failed, "
                   f"{summary.get('skipped', 0)} skipped")
         lines += ["", "## Static checks", "", f"{'passed' if static.get('ok') else 'FAILED'}: {counts}.", ""]
-        lines += [f"- {'ok' if c['ok'] else 'FAIL'} `{c['name']}`: {c['message']}" for c in static.get("checks", [])]
+        lines += [f"- {'skip' if c.get('skipped') else 'ok' if c['ok'] else 'FAIL'} `{c['name']}`: {c['message']}"
+                  for c in static.get("checks", [])]
 
     if report.prompts:
         lines += ["", "## Parity (16-bit vs int4, teacher-forced on the 16-bit greedy continuation)", ""]
@@ -137,6 +154,20 @@ def render_markdown(report: VerifyReport) -> str:
             if variant.get("kernel_warning"):
                 notes.append(f"WARNING ({label}): {variant['kernel_warning']}")
         lines += ["", *[f"- {note}" for note in notes]] if notes else []
+
+    if report.kernels:
+        lines += ["", "## int4 linear kernels (vLLM)", "",
+                  ("| kernel | disabled | engine start s | prefill tok/s, batch 1 | decode tok/s, batch 1 | "
+                   "decode tok/s, larger batch |"), "|---|---|---|---|---|---|"]
+        for trial in report.kernels:
+            speed = trial.get("speed") or []
+            larger = f"{_fmt(speed[1]['decode_tok_s'])} (batch {speed[1]['batch']})" if len(speed) > 1 else "–"
+            lines.append(f"| {trial['kernel'] or 'failed: ' + str(trial.get('error'))} | "
+                         f"{', '.join(trial['disabled']) or 'none (vLLM default)'} | {_fmt(trial['engine_start_s'])} | "
+                         f"{_fmt(speed[0]['prefill_tok_s']) if speed else '–'} | "
+                         f"{_fmt(speed[0]['decode_tok_s']) if speed else '–'} | {larger} |")
+        advice = kernel_recommendation_line(report.kernel_recommendation)
+        lines += ["", advice] if advice else []
 
     if report.memory_fit:
         lines += ["", "## What fits on the GPU (calculated)", "",

@@ -277,7 +277,10 @@ def check_expected(release: _Release, source_names: list[str] | None) -> Check:
     problems = [f"{WEIGHT_INDEX}: {name}: expected but no shard holds it" for name in sorted(expected - found)]
     problems += [f"{release.tensors[name].shard}: {name}: stray tensor (not part of the quantized "
                  f"{release.spec.name} layout)" for name in sorted(found - expected)]
+    tied = bool(release.llm.get("tie_word_embeddings", release.config.get("tie_word_embeddings")))
     for prefix in release.spec.keep_16bit:
+        if tied and prefix.rsplit(".", 1)[-1] == "lm_head":
+            continue  # tied embeddings (SmolLM2): the head is embed_tokens; no lm_head tensor is stored
         if not any(name == prefix or name.startswith(prefix + ".") for name in found):
             problems.append(f"{WEIGHT_INDEX}: {prefix}.*: no tensor of this 16-bit module is present")
     basis = "the source's names" if source_names is not None else "config.json and the arch spec"

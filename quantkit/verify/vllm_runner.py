@@ -117,12 +117,14 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def worker_env(gpu: bool) -> dict[str, str]:
-    """The worker's environment: vLLM's CPU settings when there is no GPU (callers' own values win)."""
+def worker_env(gpu: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment: vLLM's CPU settings when there is no GPU (callers' own values win), then
+    `extra` (e.g. VLLM_DISABLED_KERNELS for a kernel comparison), which wins over both."""
     env = dict(os.environ)
     env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     if not gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update(extra or {})
     return env
 
 
@@ -150,6 +152,26 @@ def parse_kv_tokens(log: str) -> int | None:
     return int(found[-1].replace(",", "")) if found else None
 
 
+_LOG_PREFIX = re.compile(r"^(?:\([\w ]+pid=\d+\) )?(?:(?:ERROR|WARNING|INFO) [\d:\- ]+\[[^\]]+\] )?")
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception): \S")
+_WRAPPER_MESSAGES = ("See root cause above", "See stack trace for root cause")
+
+
+def root_cause(log: str, max_lines: int = 8) -> str | None:
+    """The first exception in vLLM's log that is not one of its "see above" wrappers, with the indented lines
+    that continue it (e.g. each kernel's reason for refusing a layer); None when the log holds none."""
+    lines = [_LOG_PREFIX.sub("", line) for line in log.splitlines()]
+    for index, line in enumerate(lines):
+        if _EXCEPTION_LINE.match(line) and not any(wrapper in line for wrapper in _WRAPPER_MESSAGES):
+            follow = []
+            for extra in lines[index + 1 : index + max_lines]:
+                if not extra.startswith(" ") or extra.lstrip().startswith(("File ", "^")):
+                    break
+                follow.append(extra.strip())
+            return " ".join([line.strip(), "; ".join(follow)]).strip()
+    return None
+
+
 def checkpoint_weight_bytes(model_dir: str | Path) -> int:
     """Bytes of the safetensors shards: the loaded weights' size where vLLM does not report it (CPU)."""
     return sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
@@ -168,8 +190,8 @@ def _end_process_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _run_worker(request: dict[str, Any], workdir: Path, gpu: bool, timeout_s: float) -> tuple[dict[str, Any],
-                                                                                               str, float]:
+def _run_worker(request: dict[str, Any], workdir: Path, gpu: bool, timeout_s: float,
+                extra_env: dict[str, str] | None = None) -> tuple[dict[str, Any], str, float]:
     """(result or {"error": ...}, combined log, wall seconds). The worker gets its own process group so a
     timeout also ends the engine processes it spawned."""
     request_path, result_path, log_path = workdir / "request.json", workdir / "result.json", workdir / "vllm.log"
@@ -178,7 +200,7 @@ def _run_worker(request: dict[str, Any], workdir: Path, gpu: bool, timeout_s: fl
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "quantkit.verify.vllm_worker", str(request_path), str(result_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu), start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu, extra_env), start_new_session=True,
         )
         try:
             returncode = process.wait(timeout=timeout_s)
@@ -204,12 +226,14 @@ def run_variant(
     settings: EngineSettings,
     teacher: dict[str, list[int]] | None = None,
     dtype: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> VariantRun:
     """Load `model_dir` in vLLM, greedy-decode every prompt, score the teacher's continuations (or its own),
     time synthetic prefill/decode; returns what happened, including failure.
 
     `teacher` maps prompt id -> token ids to teacher-force (the reference's greedy outputs); `dtype` overrides
-    settings.dtype so both variants compute in the same precision.
+    settings.dtype so both variants compute in the same precision; `extra_env` is set in the worker (no
+    prompts and `extra_env` = a speed-only run under other vLLM settings).
     """
     gpu = has_gpu()
     speed = settings.speed or (GPU_SPEED if gpu else CPU_SPEED)
@@ -227,13 +251,14 @@ def run_variant(
         "speed": asdict(speed) if settings.measure_speed else None,
     }
     with tempfile.TemporaryDirectory(prefix=f"quantkit-vllm-{label}-") as workdir:
-        result, log, wall_s = _run_worker(request, Path(workdir), gpu, settings.timeout_s)
+        result, log, wall_s = _run_worker(request, Path(workdir), gpu, settings.timeout_s, extra_env)
 
     run = VariantRun(label=label, model_dir=request["model"], ok="error" not in result, wall_s=wall_s,
                      cpu_fix_applied=APPLIED_LOG_LINE in log)
     kernel, run.kernel_warning = parse_kernel(log)
     if not run.ok:
-        run.error = result["error"]
+        generic = any(wrapper in result["error"] for wrapper in _WRAPPER_MESSAGES)
+        run.error = (root_cause(log) if generic else None) or result["error"]
         run.log_tail = _tail(log + "\n" + result.get("traceback", ""))
         run.kernel = kernel
         return run

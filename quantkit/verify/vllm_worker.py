@@ -201,7 +201,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         "dtype": str(model_config.dtype).removeprefix("torch."),
         "quantization": model_config.quantization,
     }
-    result["prompts"] = _parity_runs(llm, request)
+    result["prompts"] = _parity_runs(llm, request) if request["prompts"] else []
     result["speed"] = _speed(llm, request["speed"]) if request.get("speed") else []
     return result
 

@@ -49,11 +49,13 @@ LOSS_SLACK = 1.01
 # Integer weights of linears whose choices agree: AutoAWQ rounds w / s in fp16 (its `_apply_quant` casts to
 # half), native in float32, so a few q land on the other side of a .5 boundary: at most one step, rarely.
 MAX_Q_MISMATCH = 0.03
-# The final output error on held-out text may exceed AutoAWQ's by this factor. With identical scale ratios the
-# remaining difference is the clip search: native scores candidates with the fp16-rounded quantization scales
-# the checkpoint stores, AutoAWQ with unrounded ones, so 4-11 % of the (row, group) clip steps differ; on 256
-# calibration tokens that costs native 3-5 % output error on held-out text (docs/algorithm.md).
-OUTPUT_SLACK = 1.10
+# The final output error on held-out text may exceed AutoAWQ's by this factor. Native scores clip candidates
+# with the fp16-rounded quantization scales the checkpoint stores, AutoAWQ with unrounded ones, so 6-14 % of
+# the (row, group) clip steps differ where the scale ratios agree. Measured here: native 0.2 % (stand-in) and
+# 5.6 % (Qwen2) below AutoAWQ; at 8 or 16 calibration blocks -9.0 % to +1.6 %. Scoring with unrounded scales
+# instead (tried) made every choice agree but native 2.3 % and 7.9 % worse than AutoAWQ here: this bound fails
+# that (docs/algorithm.md).
+OUTPUT_SLACK = 1.02
 HELD_OUT_BLOCKS = 16
 
 

@@ -49,7 +49,8 @@ def verified(vllm_importable: None, standin_dir: Path, awq_release: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Verified:
     """The native-AWQ int4 stand-in verified against its 16-bit stand-in (a copy: verify writes into it)."""
     folder = shutil.copytree(awq_release, tmp_path_factory.mktemp("verify") / "int4")
-    proc = run_cli("verify", folder, "--reference", standin_dir, "--max-tokens", "12", "--gpu-memory-gb", "24")
+    proc = run_cli("verify", folder, "--reference", standin_dir, "--max-tokens", "12", "--gpu-memory-gb", "24",
+                   "--kernel-alternatives", "1")
     output = proc.stdout + proc.stderr
     assert (folder / REPORT_JSON).is_file(), f"no report written; CLI output:\n{output[-4000:]}"
     return Verified(folder, proc.returncode, output, json.loads((folder / REPORT_JSON).read_text()))
@@ -125,6 +126,22 @@ def test_report_files_and_manifest(verified: Verified) -> None:
     assert verified.report["static"]["ok"]
     static = run_cli("verify", verified.folder, "--static", timeout=300)
     assert static.returncode == 0, static.stdout[-3000:]  # the updated manifest still matches every file
+
+
+def test_kernel_comparison_disables_vllms_choice_and_names_why_nothing_is_left(verified: Verified) -> None:
+    """On the CPU build the int4 layers have one kernel: with it disabled vLLM has none left, and the trial says
+    so (vLLM's own reason, not its "see root cause above" wrapper); the recommendation stays vLLM's default."""
+    default, alternative = verified.report["kernels"]
+    assert default["ok"] and default["kernel"] == verified.report["variants"]["int4"]["kernel"]
+    assert default["speed"][0]["decode_tok_s"] == verified.report["variants"]["int4"]["speed"][0]["decode_tok_s"]
+    if vllm_cpu_plugin.torch_has_cuda():
+        return
+    assert alternative["disabled"] == ["CPUWNA16LinearKernel"] and not alternative["ok"]
+    assert alternative["error"].startswith("ValueError: Failed to find a kernel that can implement")
+    assert "CPUWNA16LinearKernel disabled by environment variable" in alternative["error"]
+    recommendation = verified.report["kernel_recommendation"]
+    assert recommendation["is_default"] and recommendation["kernel"] == "CPUWNA16LinearKernel"
+    assert "Recommended: vLLM's default, `CPUWNA16LinearKernel`" in (verified.folder / REPORT_MD).read_text()
 
 
 def test_a_variant_that_cannot_load_gives_a_failed_report(vllm_importable: None, standin_dir: Path,

@@ -55,15 +55,17 @@ def test_demo_recipe_loads_with_paths_relative_to_the_recipe():
     assert loaded.recipe.settings().group_size == 128
 
 
-def test_real_recipe_refuses_its_placeholder_with_the_line(tmp_path: Path):
+def test_real_recipe_loads_pinned_and_a_placeholder_in_it_is_refused_with_the_line(tmp_path: Path):
     path = RECIPES / "minicpm-v-2_6-awq-int4.yaml"
-    message = refusal(path)
-    assert f"{path}:{line_of(path, 'revision: <')}: calibration.revision: is still the placeholder" in message
-    filled = write(tmp_path, path.read_text().replace("<commit sha of mit-han-lab/pile-val-backup>", SHA)
-                   .replace("folder: ../", "folder: "))
-    loaded = load_recipe(filled)
+    loaded = load_recipe(path)
     assert loaded.recipe.release and loaded.recipe.source.revision == "3f7a8da1b7a8b928b5ee229fae33cf43fd64cf31"
+    assert loaded.recipe.calibration.revision == "2f5e46ae6a69cf0dce4b12f78241c408936ca0e4"
     assert loaded.calibration().kind == "dataset" and loaded.recipe.upload is not None
+    assert loaded.recipe.verify.kernel_alternatives == 1 and loaded.warnings == []
+    unfilled = write(tmp_path, path.read_text().replace("2f5e46ae6a69cf0dce4b12f78241c408936ca0e4",
+                                                        "<commit sha of mit-han-lab/pile-val-backup>"))
+    assert (f"{unfilled}:{line_of(unfilled, 'revision: <')}: calibration.revision: is still the placeholder"
+            in refusal(unfilled))
 
 
 def test_typo_key_is_refused_with_its_line_and_a_suggestion(tmp_path: Path):

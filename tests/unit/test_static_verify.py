@@ -223,6 +223,23 @@ def test_sound_release_passes_without_source(rtn_release: Path):
     assert report.summary["size_basis"] == "16-bit size implied by shapes"
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embeddings_need_no_lm_head_tensor(tied: bool):
+    """SmolLM2-style checkpoints tie lm_head to embed_tokens and store no lm_head tensor: only an untied
+    model misses it."""
+    from quantkit.archs import LLAMA
+    from quantkit.verify.static import TensorEntry, _Release, check_expected
+
+    config = {"model_type": "llama", "tie_word_embeddings": tied}
+    entry = TensorEntry("model.safetensors", "F16", (8, 8), 0, 128)
+    release = _Release(Path("release"), config, LLAMA, config, 0,
+                       {"model.embed_tokens.weight": entry, "model.norm.weight": entry}, torch.float16)
+    check = check_expected(release, None)
+    assert check.ok is tied, check.message
+    if not tied:
+        assert "lm_head.*: no tensor of this 16-bit module is present" in check.message
+
+
 def test_wrongly_packed_weight_fails_dequant_error(rtn_release: Path, standin_dir: Path, tmp_path: Path):
     folder = linked_copy(rtn_release, tmp_path / "release")
     name = f"{LAYER0}.mlp.gate_proj.qweight"  # int32 [256, 64]: reverse the input rows

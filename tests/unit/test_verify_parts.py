@@ -13,7 +13,13 @@ from PIL import Image
 from quantkit.errors import DependencyError, InputError
 from quantkit.verify import pipeline, vllm_cpu_plugin
 from quantkit.verify.prompts import DEFAULT_SUITE, IMAGE_PLACEHOLDER, load_prompts
-from quantkit.verify.vllm_runner import parse_kernel, parse_kv_tokens, parse_weights_gib, worker_env
+from quantkit.verify.vllm_runner import (
+    parse_kernel,
+    parse_kv_tokens,
+    parse_weights_gib,
+    root_cause,
+    worker_env,
+)
 
 
 def test_default_suite_covers_every_kind_with_real_images() -> None:
@@ -90,6 +96,25 @@ def test_log_parsing() -> None:
     kernel, warning = parse_kernel("WARNING Layer 'x' is not supported by AutoAWQMarlin. Falling back to "
                                    "unoptimized AWQ kernels.")
     assert kernel == "AutoAWQLinearMethod" and "legacy" in warning
+
+
+def test_root_cause_skips_vllms_see_above_wrappers() -> None:
+    worker = "(Worker pid=38) ERROR 11-25 11:26:58 [multiproc_executor.py:953]"
+    log = f"""\
+(EngineCore pid=20) INFO 11-25 11:26:40 [core.py:133] Initializing a V1 LLM engine
+{worker}     raise ValueError(
+{worker} ValueError: Failed to find a kernel that can implement the WNA16 linear layer. Reasons: 
+{worker}  Dynamic4bitLinearKernel cannot implement due to: Unsupported quant type uint4
+{worker}  CPUWNA16LinearKernel disabled by environment variable
+(EngineCore pid=20) ERROR 11-25 11:27:01 [core.py:1510] EngineCore failed to start.
+Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {{}}
+"""
+    assert root_cause(log) == (
+        "ValueError: Failed to find a kernel that can implement the WNA16 linear layer. Reasons: "
+        "Dynamic4bitLinearKernel cannot implement due to: Unsupported quant type uint4; "
+        "CPUWNA16LinearKernel disabled by environment variable")
+    assert root_cause("RuntimeError: Engine core initialization failed. See root cause above.") is None
 
 
 def test_worker_env_sets_cpu_settings_without_overriding_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
