@@ -13,13 +13,11 @@ from typing import Any
 
 import yaml
 
-from quantkit.io.manifest import file_entries, read_manifest, write_manifest
+from quantkit.io.manifest import read_manifest, record_files
 from quantkit.recipe import LOCK_NAME, read_lock
-from quantkit.verify.report import REPORT_JSON, kernel_recommendation_line, speed_memory_rows
+from quantkit.verify.report import EVAL_REPORT, REPORT_JSON, kernel_recommendation_line, speed_memory_rows
 
 CARD_NAME = "README.md"
-EVAL_REPORT = "eval-report.json"
-"""Optional: `quantkit eval RELEASE --reference SRC --json > RELEASE/eval-report.json` puts numbers on the card."""
 LICENSE_KEYS = ("license", "license_name", "license_link")
 _FAST_AWQ_KERNELS = ("Marlin", "Machete")
 
@@ -236,17 +234,3 @@ def write_card(folder: str | Path, source_folder: str | Path | None = None,
         path.write_text(text, encoding="utf-8")
     record_files(root, [CARD_NAME] + ([EVAL_REPORT] if (root / EVAL_REPORT).is_file() else []))
     return path, changed
-
-
-def record_files(folder: Path, names: list[str]) -> None:
-    """List `names` in the folder's manifest with fresh {size, sha256}, keeping every other entry as it was.
-    A folder without a manifest is left without one (there is nothing to keep consistent)."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return
-    fresh = file_entries(folder, names)
-    if all(entry in manifest["files"] for entry in fresh):
-        return
-    kept = [entry for entry in manifest["files"] if entry.get("path") not in names]
-    sections = {k: v for k, v in manifest.items() if k not in ("schema_version", "created", "files")}
-    write_manifest(folder, sections, kept + fresh)

@@ -320,6 +320,9 @@ def eval_command(
     n_samples: Annotated[int | None, typer.Option(help="Blocks to evaluate (default: all the text).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    save: Annotated[bool, typer.Option(
+        "--save", help="Also write eval-report.json into MODEL: `quantkit verify` and the model card include "
+        "it.")] = False,
 ) -> None:
     """Perplexity on held-out text; with --reference, how far the model is from it on the same tokens.
 
@@ -339,6 +342,8 @@ def eval_command(
         typer.echo(report.to_json())
     else:
         _print_eval_report(report)
+    if save:
+        console.print(Text(f"saved {report.save(model)}"))
 
 
 # --- run ------------------------------------------------------------------------------------------------

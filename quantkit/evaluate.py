@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,8 @@ from quantkit.archs import ArchSpec, spec_for_config
 from quantkit.awq.quant import dequantize_gemm
 from quantkit.calib import BUILTIN_PYDOC, pydoc_topics, read_samples
 from quantkit.errors import InputError
+from quantkit.io.manifest import record_files
+from quantkit.verify.report import EVAL_REPORT
 
 GEMM_SUFFIXES = (".qweight", ".qzeros", ".scales")
 TOKENIZER_PROBE = "Quantization keeps 4 bits per weight: déjà vu, 3.14159, <tag>, naïve café 東京 🙂"
@@ -68,6 +71,15 @@ class EvalReport:
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write EVAL_REPORT into `folder` (temporary name, then renamed): `verify` and the model card read it."""
+        path = Path(folder) / EVAL_REPORT
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(self.to_json() + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+        record_files(Path(folder), [EVAL_REPORT])
+        return path
 
 
 @dataclass

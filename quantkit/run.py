@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import DependencyError, HubError, InputError, QuantkitError, VerifyError
-from quantkit.io.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from quantkit.io.manifest import MANIFEST_NAME, read_manifest, record_files, write_manifest
 from quantkit.recipe import (
     FULL_SHA,
     LOCK_NAME,
@@ -565,7 +565,6 @@ class _Run:
         time keep their last record (with `status` saying so), so the verify fingerprint survives a --from."""
         if read_manifest(self.release) is None:
             return None
-        from quantkit.card import record_files
 
         recipe, loaded = self.recipe, self.loaded
         manifest = read_manifest(self.release) or {"files": []}

@@ -96,3 +96,17 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
         raise InputError(f"{path} is not a quantkit manifest (no `files` list); delete it or restore it")
     return manifest
+
+
+def record_files(folder: Path, names: list[str]) -> None:
+    """List `names` in the folder's manifest with fresh {size, sha256}, keeping every other entry as it was.
+    A folder without a manifest is left without one (there is nothing to keep consistent)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    fresh = file_entries(folder, names)
+    if all(entry in manifest["files"] for entry in fresh):
+        return
+    kept = [entry for entry in manifest["files"] if entry.get("path") not in names]
+    sections = {k: v for k, v in manifest.items() if k not in ("schema_version", "created", "files")}
+    write_manifest(folder, sections, kept + fresh)

@@ -23,7 +23,7 @@ from quantkit.verify.capacity import fit_in_memory, kv_bytes_per_token
 from quantkit.verify.kernels import compare_kernels, recommend
 from quantkit.verify.parity import ParityThresholds, overall_verdict, prompt_parity
 from quantkit.verify.prompts import Prompt, load_prompts
-from quantkit.verify.report import VerifyReport, write_report
+from quantkit.verify.report import EVAL_REPORT, VerifyReport, write_report
 from quantkit.verify.static import verify_static
 from quantkit.verify.vllm_runner import EngineSettings, VariantRun, has_gpu, run_variant
 
@@ -85,6 +85,13 @@ def _memory_fit(gpu_memory_gb: float, runs: dict[str, VariantRun], config: dict[
             for label, run in runs.items() if run.ok and run.weights_bytes is not None}
 
 
+def _saved_evaluation(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / EVAL_REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _run_line(run: VariantRun) -> str:
     if not run.ok:
         return f"vLLM: {run.label} failed after {run.wall_s:.0f} s: {run.error}"
@@ -140,7 +147,7 @@ def verify(
     report = VerifyReport(
         folder=str(folder.resolve()), reference=str(reference_dir.resolve()) if reference_dir else None,
         passed=static.ok, reasons=[f"static check {c.name}: {c.message}" for c in static.failed()],
-        environment=_environment([]), static=static.to_dict(),
+        environment=_environment([]), static=static.to_dict(), evaluation=_saved_evaluation(folder),
     )
     if static_only or not static.ok:
         if not static.ok and not static_only:

@@ -13,6 +13,8 @@ from quantkit.io.manifest import file_entries, read_manifest, write_manifest
 
 REPORT_JSON = "verify-report.json"
 REPORT_MD = "verify-report.md"
+EVAL_REPORT = "eval-report.json"
+"""`quantkit eval MODEL --save` writes this into MODEL; verify's report and the model card include it."""
 
 
 @dataclass
@@ -35,6 +37,8 @@ class VerifyReport:
     kernels: list[dict[str, Any]] = field(default_factory=list)
     """int4 speed per vLLM linear kernel (quantkit.verify.kernels.KernelTrial), vLLM's default choice first."""
     kernel_recommendation: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    """The folder's EVAL_REPORT (`quantkit eval --save`) when it has one: perplexity, KL, top-1 on real text."""
     files: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -154,6 +158,14 @@ def render_markdown(report: VerifyReport) -> str:
             if variant.get("kernel_warning"):
                 notes.append(f"WARNING ({label}): {variant['kernel_warning']}")
         lines += ["", *[f"- {note}" for note in notes]] if notes else []
+
+    if report.evaluation:
+        ev = report.evaluation
+        title = f"## Evaluation (`quantkit eval`, {ev.get('n_blocks')} x {ev.get('seq_len')} tokens of {ev.get('text_source')})"
+        lines += ["", title, "", "| | value |", "|---|---|"]
+        for what, key in (("perplexity (int4)", "perplexity"), ("perplexity (16-bit)", "reference_perplexity"),
+                          ("mean KL(16-bit || int4), nats/token", "kl_mean"), ("top-1 agreement", "top1_agreement")):
+            lines.append(f"| {what} | {_fmt(ev.get(key), 4)} |")
 
     if report.kernels:
         lines += ["", "## int4 linear kernels (vLLM)", "",

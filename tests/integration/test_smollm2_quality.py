@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from quantkit.api import EvalReport, evaluate
+from quantkit.api import EvalReport, evaluate, verify
 from quantkit.awq.quant import fake_quantize
 from quantkit.calib import pydoc_topics
+from quantkit.card import render_card
 from quantkit.cli import app
 from quantkit.errors import InputError
 from quantkit.evaluate import load_weights
+from quantkit.io.manifest import read_manifest
+from quantkit.verify.report import EVAL_REPORT, REPORT_MD
 
 EVAL = {"n_samples": 40, "seq_len": 512}
 FP32_PPL = 14.93
@@ -100,6 +104,23 @@ def test_eval_on_the_standin_release_from_api_and_cli(rtn_release: Path, standin
     assert result.exit_code == 0, result.output
     assert "perplexity" in result.stdout and "top-1 agreement" in result.stdout
     assert f"{report.kl_mean:.5f}" in result.stdout  # same tokens, same numbers as the API
+
+
+def test_saved_evaluation_reaches_the_verify_report_and_the_card(rtn_release: Path, standin_dir: Path,
+                                                                 tmp_path: Path):
+    release = shutil.copytree(rtn_release, tmp_path / "int4")
+    result = CliRunner().invoke(app, ["eval", str(release), "--reference", str(standin_dir), "--n-samples", "2",
+                                      "--seq-len", "64", "--json", "--save"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((release / EVAL_REPORT).read_text())
+    assert saved == json.loads(result.stdout)
+    assert EVAL_REPORT in {entry["path"] for entry in read_manifest(release)["files"]}
+    report = verify(release, static_only=True)
+    assert report.passed and report.evaluation == saved  # the manifest still matches every file
+    markdown = (release / REPORT_MD).read_text()
+    assert "## Evaluation (`quantkit eval`, 2 x 64 tokens of builtin:pydoc" in markdown
+    assert f"| mean KL(16-bit || int4), nats/token | {saved['kl_mean']:.4g} |" in markdown
+    assert "## Evaluation" in render_card(release)
 
 
 def test_int4_weights_are_dequantized_exactly(rtn_release: Path, standin_dir: Path):
