@@ -246,7 +246,7 @@ def verify_command(
     kernel_alternatives: Annotated[int, typer.Option(
         "--kernel-alternatives", help="After the parity runs, time the int4 release again with vLLM's chosen "
         "linear kernel disabled (VLLM_DISABLED_KERNELS), up to N times, and recommend the fastest (GPU: e.g. "
-        "Machete -> Marlin).")] = 0,
+        "Machete -> Marlin).", min=0)] = 0,
 ) -> None:
     """Check a release folder before it is served or uploaded; exit 0 when every check passes, 1 otherwise.
 
@@ -333,7 +333,7 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=as_json) as progress:
+                  console=console, transient=True) as progress:  # gone once the report (or an error) prints
         task = progress.add_task("blocks", total=None)
         report = api.evaluate(model, reference, text=text, dataset=dataset, split=split, text_field=text_field,
                               seq_len=seq_len, n_samples=n_samples, device=device,

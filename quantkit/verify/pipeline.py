@@ -128,6 +128,10 @@ def verify(
     variant that cannot load, gives a report with passed=False and the reasons.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"release folder {folder} does not exist; pass the folder `quantkit quantize` wrote.")
+    if kernel_alternatives < 0:
+        raise InputError(f"kernel_alternatives={kernel_alternatives}: give 0 (vLLM's choice only) or more.")
     reference_dir = Path(reference) if reference is not None else None
     if reference_dir is not None and not (reference_dir / "config.json").is_file():
         raise InputError(f"--reference {reference_dir}: not a model folder (no config.json).")

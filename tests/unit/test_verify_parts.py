@@ -139,3 +139,13 @@ def test_verify_needs_a_reference_folder(tmp_path: Path) -> None:
         pipeline.verify(tmp_path)
     with pytest.raises(InputError, match="not a model folder"):
         pipeline.verify(tmp_path, reference=tmp_path / "nowhere")
+
+
+def test_verify_refuses_a_missing_release_and_a_negative_kernel_count_before_needing_vllm(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # vLLM absent: checked after these
+    with pytest.raises(InputError, match=r"release folder .*nowhere does not exist"):
+        pipeline.verify(tmp_path / "nowhere", reference=tmp_path)
+    with pytest.raises(InputError, match="kernel_alternatives=-1"):
+        pipeline.verify(tmp_path, reference=tmp_path, kernel_alternatives=-1)
