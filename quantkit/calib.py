@@ -36,6 +36,8 @@ class CalibrationSet:
     multimodal: list[CalibSample] = field(default_factory=list)
     source: str = ""
     fingerprint: str = ""
+    seq_len: int = 0
+    """The requested block length (also when an image-only set has no text blocks)."""
 
     @property
     def n_samples(self) -> int:
@@ -46,7 +48,7 @@ class CalibrationSet:
             "source": self.source,
             "fingerprint": self.fingerprint,
             "text_blocks": int(self.blocks.shape[0]),
-            "seq_len": int(self.blocks.shape[1]) if self.blocks.numel() else 0,
+            "seq_len": self.seq_len,
             "multimodal_samples": len(self.multimodal),
         }
 
@@ -152,6 +154,9 @@ def build_calibration_set(
     """
     if n_samples <= 0 or seq_len <= 0:
         raise InputError(f"n_samples={n_samples}, seq_len={seq_len}: both must be positive.")
+    if not any(s.images or s.text.strip() for s in samples):
+        raise InputError(f"calibration data {source or '(given samples)'} has no usable sample: every text is "
+                         "empty and no sample has an image. Give text, or image rows with a prompt.")
     multimodal = [s for s in samples if s.images][:n_samples]
     texts = [s.text for s in samples if not s.images]
     random.Random(seed).shuffle(texts)
@@ -166,9 +171,11 @@ def build_calibration_set(
         if eos is not None:
             ids.append(eos)
     if len(ids) < needed:
+        images = f" besides its {len(multimodal)} image sample(s)" if multimodal else ""
         raise InputError(
-            f"calibration data {source or '(given samples)'} has {len(ids)} tokens, but {n_blocks} blocks x "
-            f"{seq_len} tokens = {needed} are needed. Give more text or lower --n-samples / --seq-len."
+            f"calibration data {source or '(given samples)'} has {len(ids)} text tokens{images}, but {n_blocks} "
+            f"blocks x {seq_len} tokens = {needed} are needed. Give more text or lower --n-samples / --seq-len"
+            f"{f' (to {len(multimodal)} for images only)' if multimodal else ''}."
         )
     blocks = torch.tensor(ids[:needed], dtype=torch.long).reshape(n_blocks, seq_len)
     digest = hashlib.sha256(blocks.numpy().tobytes())
@@ -176,7 +183,8 @@ def build_calibration_set(
         digest.update(sample.text.encode())
         for image in sample.images:
             digest.update(image.read_bytes())
-    return CalibrationSet(blocks=blocks, multimodal=multimodal, source=source, fingerprint=digest.hexdigest())
+    return CalibrationSet(blocks=blocks, multimodal=multimodal, source=source, fingerprint=digest.hexdigest(),
+                          seq_len=seq_len)
 
 
 def load_calibration(
@@ -195,5 +203,7 @@ def load_calibration(
 
 def micro_batches(blocks: torch.Tensor, max_batch_tokens: int) -> Iterable[torch.Tensor]:
     """Split [n, seq_len] blocks into row chunks of at most max_batch_tokens tokens (at least one row)."""
+    if blocks.shape[0] == 0:  # an image-only calibration set has no text blocks
+        return []
     rows = max(1, max_batch_tokens // max(1, blocks.shape[1]))
     return blocks.split(rows)

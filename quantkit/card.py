@@ -171,6 +171,12 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
              ("compute", f"{quantization.get('device')} ({quantization.get('compute_dtype')})")]
     lines += _table(("setting", "value"), rows)
 
+    code = manifest.get("remote_code") or {}
+    if code:
+        lines += ["", "## Remote code", "", ("The source checkpoint's own Python files, unchanged (quantkit does not "
+                  "run them; vLLM and transformers run them with `trust_remote_code=True`):"), ""]
+        lines += _table(("file", "sha256"), [(f"`{name}`", f"`{digest}`") for name, digest in sorted(code.items())])
+
     lines += ["", "## Verification", ""] + _verification(report)
     evaluation = _read_json(root / EVAL_REPORT)
     if evaluation:

@@ -34,6 +34,8 @@ from quantkit.awq.quant import dequantize_gemm
 from quantkit.calib import BUILTIN_PYDOC, pydoc_topics, read_samples
 from quantkit.errors import InputError
 from quantkit.io.manifest import record_files
+from quantkit.io.model_loading import build_and_load, load_tokenizer
+from quantkit.io.shards import read_config
 from quantkit.verify.report import EVAL_REPORT
 
 GEMM_SUFFIXES = (".qweight", ".qzeros", ".scales")
@@ -93,19 +95,6 @@ class _LoadedModel:
     quantized: bool
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """config.json of a model folder, with errors that say which folder and what to do."""
-    if not folder.is_dir():
-        raise InputError(f"model folder {folder} does not exist; give a local folder (`quantkit download` first).")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{config_path} is missing: {folder} is not a Hugging Face model folder.")
-    try:
-        return json.loads(config_path.read_text())
-    except ValueError as err:
-        raise InputError(f"{config_path} is not valid JSON ({err}).") from err
-
-
 def _is_awq_gemm(config: dict[str, Any], folder: Path) -> bool:
     quant = config.get("quantization_config")
     if quant is None:
@@ -145,45 +134,37 @@ def load_weights(folder: Path, dtype: torch.dtype, dequantize: bool) -> dict[str
     return state
 
 
-def _model_class(config: Any, folder: Path, spec: ArchSpec) -> type:
-    """The class the folder's model loads as: its remote code (MiniCPM-V) or the transformers class."""
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    auto = AutoModel if spec.multimodal else AutoModelForCausalLM
-    auto_map = getattr(config, "auto_map", None) or {}
-    if auto.__name__ in auto_map:
-        return get_class_from_dynamic_module(auto_map[auto.__name__], str(folder))
-    return auto._model_mapping[type(config)]
-
-
 def load_for_eval(folder: Path, dtype: torch.dtype, device: torch.device) -> _LoadedModel:
-    """Build the float model from config.json and load its weights (dequantized when int4) in `dtype`."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    """Build the float model from config.json and load its weights (dequantized when int4) in `dtype`, without
+    running any code of the checkpoint (the spec's own module tree, or transformers' native class)."""
     raw_config = read_config(folder)
     spec = spec_for_config(raw_config, source=str(folder / "config.json"))
     quantized = _is_awq_gemm(raw_config, folder)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights below are already plain float tensors
     state = load_weights(folder, dtype, dequantize=quantized)
-    model, info = _model_class(config, folder, spec).from_pretrained(
-        None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
-    )
-    missing = sorted(info["missing_keys"])
-    if missing:
-        raise InputError(
-            f"{folder}: {len(missing)} weights are missing from its safetensors files (first: {missing[0]}); "
-            "the folder is incomplete."
+    if spec.build_model is not None:
+        model = build_and_load(spec.build_model, raw_config, state.items(), dtype, str(folder))
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights below are already plain float tensors
+        model, info = AutoModelForCausalLM._model_mapping[type(config)].from_pretrained(
+            None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
         )
+        missing = sorted(info["missing_keys"])
+        if missing:
+            raise InputError(
+                f"{folder}: {len(missing)} weights are missing from its safetensors files (first: {missing[0]}); "
+                "the folder is incomplete."
+            )
+    del state
     model = model.to(device).eval()
     lm = model.get_submodule(spec.language_model) if spec.language_model else model
     layers_path = spec.decoder_layers.removeprefix(f"{spec.language_model}.") if spec.language_model else (
         spec.decoder_layers)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
     return _LoadedModel(folder=folder, spec=spec, lm=lm, layers=lm.get_submodule(layers_path),
-                        tokenizer=tokenizer, quantized=quantized)
+                        tokenizer=load_tokenizer(folder, spec), quantized=quantized)
 
 
 def check_same_tokenizer(model: _LoadedModel, reference: _LoadedModel) -> None:

@@ -30,6 +30,7 @@ from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, CalibrationSet, load_calibration, micro_batches
 from quantkit.errors import DependencyError, InputError
 from quantkit.io.checkpoint import LayerCheckpoints
+from quantkit.io.model_loading import load_model, load_tokenizer
 
 
 @dataclass
@@ -95,14 +96,6 @@ def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.quantkit-work"
 
 
-def load_model(source: Path, spec: ArchSpec, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    auto = AutoModel if spec.multimodal else AutoModelForCausalLM
-    model = auto.from_pretrained(str(source), trust_remote_code=True, dtype=dtype, low_cpu_mem_usage=True)
-    return model.eval()
-
-
 def calibration_forwards(model: torch.nn.Module, spec: ArchSpec, source: Path, calib: CalibrationSet,
                          settings: QuantSettings, device: torch.device, dtype: torch.dtype) -> list[Callable]:
     """One callable per forward pass: text micro-batches through the LLM, multimodal samples through the model's
@@ -113,16 +106,15 @@ def calibration_forwards(model: torch.nn.Module, spec: ArchSpec, source: Path, c
         for chunk in micro_batches(calib.blocks, settings.max_batch_tokens)
     ]
     if calib.multimodal:
-        if spec.prepare_multimodal is None:
-            raise InputError(f"calibration has image samples but {spec.name} is a text-only architecture.")
+        if spec.load_processor is None:
+            raise InputError(f"calibration has image samples but {spec.name} is a text-only architecture; "
+                             "give text-only calibration data.")
         from PIL import Image
-        from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=True)
+        processor = spec.load_processor(source)
         for sample in calib.multimodal:
             images = [Image.open(p).convert("RGB") for p in sample.images]
-            kwargs = _cast_floats(_to_device(spec.prepare_multimodal(model, processor, sample.text, images), device),
-                                  dtype)
+            kwargs = _cast_floats(_to_device(processor(sample.text, images), device), dtype)
             forwards.append(lambda kwargs=kwargs: model(**kwargs))
     return forwards
 
@@ -182,9 +174,7 @@ def quantize(
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=True)
+    tokenizer = load_tokenizer(source, spec)
     calibration = load_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                    revision=calib_revision, split=calib_split, text_field=text_field)
     timings["calibration_s"] = time.perf_counter() - started
@@ -277,7 +267,7 @@ def _quantize_with_autoawq(source: Path, out: Path, spec: ArchSpec, calibration:
     blocks, capture = calibration.blocks, None
     if spec.language_model or calibration.multimodal:
         forwards = calibration_forwards(model, spec, source, calibration, settings, dev, dtype)
-        blocks, capture = None, capture_for_autoawq(model, spec, forwards, calibration.blocks.shape[1], dev)
+        blocks, capture = None, capture_for_autoawq(model, spec, forwards, calibration.seq_len, dev)
     timings["capture_s"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -51,7 +51,7 @@ def autoawq_release(source: Path, out: Path, settings: QuantSettings, n_samples:
 
     from quantkit.awq.autoawq_backend import quantize_with_autoawq
     from quantkit.calib import load_calibration
-    from quantkit.quantize import load_model
+    from quantkit.io.model_loading import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     calibration = load_calibration(BUILTIN_PYDOC, tokenizer, n_samples=n_samples, seq_len=seq_len)

@@ -14,6 +14,9 @@
 # which is how vLLM loads MiniCPM-V's processor (seen 2026-11-25).
 # WORK (default /root/quantkit-e2e) holds the models; OUT (default $WORK/out) receives logs and reports.
 # SIZE=tiny runs the same steps on the tiny stand-in (minutes less; proves loading, not speed).
+# HUB_CODE=DIR replaces the stand-in's code files by DIR/*.py, the seven files openbmb/MiniCPM-V-2_6 publishes
+# (../shared/fixtures/minicpmv26-hub-code; carry a copy): the folder then looks like a real download, and quantkit
+# must quantize it without importing them while vLLM runs their configuration and processor code.
 set -euo pipefail
 WORK=${WORK:-/root/quantkit-e2e}
 OUT=${OUT:-$WORK/out}
@@ -25,6 +28,9 @@ INT4="$WORK/minicpmv26-$SIZE-awq"
 case "${1:-}" in
   build)
     [ -f "$FP16/config.json" ] || time python3 -m quantkit.testing.standin --size "$SIZE" "$FP16"
+    if [ -n "${HUB_CODE:-}" ]; then
+        cp "$HUB_CODE"/*.py "$FP16"/ && echo "published code files: $(cd "$FP16" && sha256sum ./*.py | sha256sum)"
+    fi
     python3 -m quantkit quantize "$FP16" "$INT4" --device cuda --n-samples 104 --seq-len 512 --force \
         2>&1 | tee "$OUT/quantize.log" | tail -n 5
     python3 -m quantkit verify "$INT4" --static --source "$FP16" --json > "$OUT/static.json" || true

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -86,6 +88,47 @@ def standin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from quantkit.testing.standin import build_standin
 
     return build_standin(tmp_path_factory.mktemp("standin") / "minicpmv26-tiny")
+
+
+# The seven Python files openbmb/MiniCPM-V-2_6 publishes, unchanged (kept outside the repository, beside it).
+HUB_CODE = Path(os.environ.get("QUANTKIT_HUB_CODE",
+                               Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minicpmv26-hub-code"))
+
+
+def _with_code(standin: Path, out: Path, code: dict[str, bytes]) -> Path:
+    """A copy of the stand-in whose Python files are replaced by `code` (name -> bytes)."""
+    shutil.copytree(standin, out)
+    assert set(code) == {p.name for p in out.glob("*.py")}, "the replacement must cover every code file"
+    for name, text in code.items():
+        (out / name).write_bytes(text)
+    return out
+
+
+@pytest.fixture(scope="session")
+def published_dir(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in carrying the real snapshot's published code files: what `quantkit download` brings."""
+    if not HUB_CODE.is_dir():
+        pytest.fail(f"{HUB_CODE} is missing: the published MiniCPM-V 2.6 code files are needed (set QUANTKIT_HUB_CODE)")
+    code = {p.name: p.read_bytes() for p in HUB_CODE.glob("*.py")}
+    return _with_code(standin_dir, tmp_path_factory.mktemp("published") / "minicpmv26-published", code)
+
+
+@pytest.fixture(scope="session")
+def raising_code_dir(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in whose every code file raises on import: proves quantkit runs none of a checkpoint's code."""
+    code = {p.name: f"raise ImportError('quantkit imported checkpoint code: {p.name}')\n".encode()
+            for p in standin_dir.glob("*.py")}
+    return _with_code(standin_dir, tmp_path_factory.mktemp("raising") / "minicpmv26-raising", code)
+
+
+@pytest.fixture(scope="session")
+def published_awq_release(published_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The published-code stand-in quantized by the native engine on the CPU (8 x 128 pydoc tokens)."""
+    from quantkit.api import quantize
+
+    out = tmp_path_factory.mktemp("published-awq") / "minicpmv26-published-awq"
+    quantize(published_dir, out, calib="builtin:pydoc", n_samples=8, seq_len=128, device="cpu")
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -49,8 +50,13 @@ class ArchSpec:
     """Config attribute holding the LLM's config (None: the top-level config is the LLM's)."""
     multimodal: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-    prepare_multimodal: Callable[..., Any] | None = None
-    """(model, processor, text, images) -> kwargs for one forward pass through the real vision path."""
+    build_model: Callable[[dict[str, Any]], Any] | None = None
+    """config.json contents -> the module tree (quantkit's own; the checkpoint's code is never imported).
+    None: transformers' native class for the model_type."""
+    load_processor: Callable[[Path], Any] | None = None
+    """folder -> callable (text, images) -> kwargs for one forward pass through the real vision path."""
+    load_tokenizer: Callable[[Path], Any] | None = None
+    """folder -> tokenizer, where AutoTokenizer would need the checkpoint's code."""
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.decoder_layers}.{index}"

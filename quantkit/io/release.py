@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from quantkit.archs import ArchSpec
 from quantkit.awq.settings import QuantSettings
 from quantkit.errors import InputError
-from quantkit.io.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from quantkit.io.manifest import MANIFEST_NAME, hash_file, read_manifest, write_manifest
 from quantkit.io.shards import WEIGHT_INDEX, ShardReader, num_layers, weight_map
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
@@ -293,9 +293,12 @@ def write_release(
             release_config["dtype"] = dtype_name(dtype)
         (building / "config.json").write_text(json.dumps(release_config, indent=2) + "\n")
 
+        code_files: dict[str, str] = {}
         for relative in _copied_files(source):
             (building / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / relative, building / relative)
+            if relative.suffix == ".py":
+                code_files[relative.as_posix()] = hash_file(building / relative)
 
         source_manifest = read_manifest(source) or {}
         sections: dict[str, Any] = {
@@ -306,6 +309,9 @@ def write_release(
                              "quantized_layers": sorted(by_layer), "num_layers": n_layers,
                              "release_dtype": dtype_name(dtype)},
             "tools": tool_versions(),
+            # The checkpoint's own Python files, byte-identical: quantkit never runs them, vLLM runs the
+            # configuration and processor code (trust_remote_code), so users should know exactly which code that is.
+            "remote_code": code_files,
         }
         write_manifest(building, _merge_sections(sections, manifest_extra or {}))
         _move_into_place(building, out)

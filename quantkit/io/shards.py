@@ -50,6 +50,19 @@ def num_layers(config: dict[str, Any], key: str = "num_hidden_layers", text_conf
     return llm[key]
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a model folder, with errors that say which folder and what to do."""
+    if not folder.is_dir():
+        raise InputError(f"model folder {folder} does not exist; give a local folder (`quantkit download` first).")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{config_path} is missing: {folder} is not a Hugging Face model folder.")
+    try:
+        return json.loads(config_path.read_text())
+    except ValueError as err:
+        raise InputError(f"{config_path} is not valid JSON ({err}).") from err
+
+
 class ShardReader:
     """Reads tensors by name from a folder's shards, keeping each shard's handle open (memory-mapped: a tensor
     is only read when asked for). Use as a context manager."""

@@ -40,7 +40,30 @@ def _version(*distributions: str) -> str | None:
     return None
 
 
-def _environment(runs: list[VariantRun]) -> dict[str, Any]:
+# The auto classes whose remote code vLLM loads for a checkpoint (it runs its own model code, never the
+# checkpoint's modeling files): the config, and the processor, image processor and tokenizer through AutoProcessor.
+VLLM_LOADED_AUTO_CLASSES = ("AutoConfig", "AutoProcessor", "AutoImageProcessor", "AutoTokenizer")
+
+
+def remote_code_run_by_vllm(folder: Path) -> list[str]:
+    """The checkpoint's Python files that vLLM imports with trust_remote_code (their own imports aside)."""
+    files: set[str] = set()
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for key in VLLM_LOADED_AUTO_CLASSES:
+            references = auto_map.get(key)
+            for reference in references if isinstance(references, list) else [references]:
+                if isinstance(reference, str):  # "module.Class", or "repo--module.Class" for code in another repo
+                    module_file = reference.split("--")[-1].rsplit(".", 1)[0] + ".py"
+                    if (folder / module_file).is_file():
+                        files.add(module_file)
+    return sorted(files)
+
+
+def _environment(runs: list[VariantRun], folder: Path | None = None) -> dict[str, Any]:
     """Device and versions as the engines saw them (falling back to this process's view before any ran)."""
     ran = next((run for run in runs if run.ok), None)
     versions = ran.versions if ran else {
@@ -53,6 +76,7 @@ def _environment(runs: list[VariantRun]) -> dict[str, Any]:
         "python": platform.python_version(),
         **{name: version for name, version in versions.items()},
         "cpu_fix_plugin_applied": any(run.cpu_fix_applied for run in runs),
+        **({"checkpoint_code_run_by_vllm": ", ".join(remote_code_run_by_vllm(folder)) or "none"} if folder else {}),
     }
 
 
@@ -177,7 +201,7 @@ def verify(
         report.kernels = [trial.as_dict() for trial in trials]
         report.kernel_recommendation = recommend(trials)
     report.variants = {label: run.summary() for label, run in runs.items()}
-    report.environment = _environment(list(runs.values()))
+    report.environment = _environment(list(runs.values()), folder)
     failed = [(label, run) for label, run in runs.items() if not run.ok]
     if failed:
         label, run = failed[0]

@@ -40,7 +40,8 @@ from quantkit.awq.quant import dequantize_gemm, fake_quantize, unpack_gemm
 from quantkit.awq.search import candidate_scales, channel_mean_abs, strided_tokens, weight_channel_mean
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import CalibSample, build_calibration_set, load_calibration, pydoc_topics
-from quantkit.quantize import calibration_forwards, load_model
+from quantkit.io.model_loading import load_model
+from quantkit.quantize import calibration_forwards
 
 N_BLOCKS, SEQ_LEN = 4, 64
 SETTINGS = QuantSettings(inputs_from_quantized=False)

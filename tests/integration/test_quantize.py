@@ -18,7 +18,8 @@ from quantkit.awq.engine import capture_layer_inputs, move_outside_layers
 from quantkit.calib import CalibSample, build_calibration_set
 from quantkit.cli import app
 from quantkit.errors import DependencyError, InputError
-from quantkit.quantize import calibration_forwards, load_model, work_folder
+from quantkit.io.model_loading import load_model
+from quantkit.quantize import calibration_forwards, work_folder
 
 SMALL = {"calib": "builtin:pydoc", "n_samples": 4, "seq_len": 64, "device": "cpu"}
 
@@ -105,7 +106,7 @@ def test_image_samples_reach_the_llm_through_the_vision_path(standin_dir: Path, 
 def test_too_little_calibration_is_refused(standin_dir: Path, tmp_path: Path):
     text = tmp_path / "calib.txt"
     text.write_text("only a few words here\n\nand here")
-    with pytest.raises(InputError, match=r"calib.txt has \d+ tokens, but 4 blocks x 64 tokens = 256"):
+    with pytest.raises(InputError, match=r"calib.txt has \d+ text tokens, but 4 blocks x 64 tokens = 256"):
         quantize(standin_dir, tmp_path / "out", **{**SMALL, "calib": str(text)})
     assert not (tmp_path / "out").exists()
 

