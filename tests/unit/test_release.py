@@ -66,6 +66,17 @@ def test_shards_split_at_max_shard_bytes_with_a_consistent_index(rtn_release: Pa
     assert 0 < tensor_bytes - index["metadata"]["total_size"] < 3 * 20_000  # only the headers on top
 
 
+def test_every_file_gets_the_mode_a_new_file_gets(rtn_release: Path, tmp_path: Path):
+    """safetensors creates its files 0600: published shards would be unreadable to the other users of a shared
+    machine while every file beside them is not."""
+    (tmp_path / "new").write_text("")
+    expected = (tmp_path / "new").stat().st_mode & 0o777
+    modes = {p.name: p.stat().st_mode & 0o777 for p in rtn_release.iterdir()}
+    assert {name for name in modes if name.endswith(".safetensors")} == {
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
+    assert modes == dict.fromkeys(modes, expected)
+
+
 def test_manifest_records_source_settings_extra_tools_and_every_file(rtn_release: Path):
     manifest = read_manifest(rtn_release)
     assert manifest["quantization"]["backend"] == "rtn"  # manifest_extra merged into the section
