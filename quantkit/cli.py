@@ -29,6 +29,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help, as click formats it: rich markup would eat bracketed text such as 'quantkit[autoawq]', keep
+    # the docstrings' line breaks mid-sentence and tag every flag `<bool>`.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},  # click's default 80 splits the examples' command lines
 )
 console = Console(stderr=True)
 
