@@ -15,7 +15,15 @@ import yaml
 
 from quantkit.io.manifest import read_manifest, record_files
 from quantkit.recipe import LOCK_NAME, read_lock
-from quantkit.verify.report import EVAL_REPORT, REPORT_JSON, kernel_recommendation_line, speed_memory_rows
+from quantkit.verify.report import (
+    EVAL_REPORT,
+    REPORT_JSON,
+    kernel_recommendation_line,
+    no_decisive_note,
+    speed_memory_rows,
+    top1_cell,
+)
+from quantkit.verify.report import _fmt as _number  # one number format for the card and the verify report
 
 CARD_NAME = "README.md"
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -64,15 +72,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value).replace("|", "\\|")
+    return _number(value).replace("|", "\\|")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
@@ -177,10 +177,10 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
         lines += ["", "## Evaluation", "", (f"`quantkit eval` on {evaluation.get('n_blocks')} x "
                   f"{evaluation.get('seq_len')} tokens of {evaluation.get('text_source')}:"), ""]
         lines += _table(("metric", "value"), [
-            ("perplexity (int4)", evaluation.get("perplexity")),
-            ("perplexity (16-bit)", evaluation.get("reference_perplexity")),
-            ("mean KL(16-bit || int4), nats/token", evaluation.get("kl_mean")),
-            ("top-1 agreement", evaluation.get("top1_agreement"))])
+            ("perplexity (int4)", _number(evaluation.get("perplexity"), 4)),
+            ("perplexity (16-bit)", _number(evaluation.get("reference_perplexity"), 4)),
+            ("mean KL(16-bit || int4), nats/token", _number(evaluation.get("kl_mean"), 4)),
+            ("top-1 agreement", _number(evaluation.get("top1_agreement"), 4))])
 
     lines += ["", "## Reproduce", ""]
     if recipe.get("name"):
@@ -208,9 +208,11 @@ def _verification(report: dict[str, Any] | None) -> list[str]:
         lines += [("Parity through vLLM, int4 teacher-forced on the 16-bit greedy continuation "
                   f"(thresholds: {', '.join(f'{k} {_fmt(v)}' for k, v in thresholds.items() if v is not None)}):"), ""]
         lines += _table(("prompt", "kind", "tokens", "mean KL", "top-1 agree", "1st divergence", "verdict"),
-                        [(p["id"], p["kind"], p["metrics"]["positions"], p["metrics"]["mean_kl"],
-                          p["metrics"]["top1_agreement"], p["metrics"]["first_divergence"],
+                        [(p["id"], p["kind"], p["metrics"]["positions"], _number(p["metrics"]["mean_kl"], 4),
+                          top1_cell(p["metrics"]), p["metrics"]["first_divergence"],
                           "pass" if p["metrics"]["passed"] else "FAIL") for p in measured])
+        note = no_decisive_note(measured, thresholds)
+        lines += ["", note] if note else []
     else:
         lines += ["No parity numbers: vLLM did not run in this verification."]
     variants = report.get("variants") or {}

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from quantkit import api
 from quantkit.errors import QuantkitError
-from quantkit.verify.report import kernel_recommendation_line, speed_memory_rows
+from quantkit.verify.report import kernel_recommendation_line, no_decisive_note, speed_memory_rows, top1_cell
 
 app = typer.Typer(
     name="quantkit",
@@ -189,10 +189,13 @@ def _print_verify_report(report: api.VerifyReport) -> None:
         for prompt in report.prompts:
             m = prompt["metrics"]
             table.add_row(prompt["id"], prompt["kind"], str(m["positions"]), f"{m['mean_kl']:.3g}",
-                          f"{m['top1_agreement']:.3f}", "–" if m["first_divergence"] is None
+                          top1_cell(m), "–" if m["first_divergence"] is None
                           else str(m["first_divergence"]), f"{m['text_similarity']:.3f}",
                           Text("pass", style="green") if m["passed"] else Text("FAIL", style="bold red"))
         out.print(table)
+        note = no_decisive_note(report.prompts, report.thresholds)
+        if note:
+            out.print(Text(note, style="dim"))
     if report.variants.get("int4", {}).get("ok"):
         table = Table(title="vLLM", title_justify="left")
         for column in ("", "16-bit", "int4"):

@@ -61,6 +61,28 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+NO_DECISIVE = "– (no decisive position)"
+
+
+def top1_cell(metrics: dict[str, Any]) -> str:
+    """A prompt's top-1 agreement as the report, card and CLI print it: with no decisive position (random
+    weights) the 1.0 the metric returns measures nothing, so it is not printed as a number."""
+    if metrics.get("decisive_positions", 1) == 0:
+        return NO_DECISIVE
+    return _fmt(metrics["top1_agreement"])
+
+
+def no_decisive_note(prompts: list[dict[str, Any]], thresholds: dict[str, Any] | None) -> str | None:
+    """The sentence under a parity table that has prompts without a decisive position, saying what that means."""
+    if not any((p.get("metrics") or {}).get("decisive_positions", 1) == 0 for p in prompts):
+        return None
+    margin = (thresholds or {}).get("top1_min_margin")
+    return (f"`{NO_DECISIVE}`: no position of that prompt had the 16-bit model's top-1 probability lead its "
+            f"runner-up by at least {_fmt(margin) if margin is not None else 'the decisive margin'} (near-flat "
+            "next-token distributions, as random weights give), so top-1 agreement was not measured there and mean "
+            "KL carries the verdict.")
+
+
 def _speed(variant: dict[str, Any], batch_index: int, key: str) -> float | None:
     rows = variant.get("speed") or []
     return rows[batch_index][key] if len(rows) > batch_index else None
@@ -142,9 +164,11 @@ def render_markdown(report: VerifyReport) -> str:
             if not m:
                 continue
             lines.append(f"| {prompt['id']} | {prompt['kind']} | {m['positions']} | {_fmt(m['mean_kl'], 4)} | "
-                         f"{_fmt(m['max_kl'], 4)} | {_fmt(m['top1_agreement'])} | {_fmt(m['reference_consistency'])} | "
+                         f"{_fmt(m['max_kl'], 4)} | {top1_cell(m)} | {_fmt(m['reference_consistency'])} | "
                          f"{_fmt(m['first_divergence'])} | "
                          f"{_fmt(m['text_similarity'])} | {'pass' if m['passed'] else 'FAIL: ' + '; '.join(m['failures'])} |")
+        note = no_decisive_note(report.prompts, report.thresholds)
+        lines += ["", note] if note else []
 
     if report.variants:
         lines += ["", "## Speed and memory (vLLM)", "", "| | 16-bit | int4 | int4 / 16-bit |", "|---|---|---|---|"]
