@@ -34,6 +34,7 @@ from quantkit.awq.quant import dequantize_gemm
 from quantkit.calib import BUILTIN_PYDOC, pydoc_topics, read_samples
 from quantkit.errors import InputError
 from quantkit.io.manifest import record_files
+from quantkit.io.portable import portable
 from quantkit.verify.report import EVAL_REPORT
 
 GEMM_SUFFIXES = (".qweight", ".qzeros", ".scales")
@@ -76,7 +77,8 @@ class EvalReport:
         """Write EVAL_REPORT into `folder` (temporary name, then renamed): `verify` and the model card read it."""
         path = Path(folder) / EVAL_REPORT
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(self.to_json() + "\n", encoding="utf-8")
+        local = [folder, self.model, self.reference, self.text_source]  # published with a release: names only
+        temporary.write_text(json.dumps(portable(self.as_dict(), local), indent=2) + "\n", encoding="utf-8")
         os.replace(temporary, path)
         record_files(Path(folder), [EVAL_REPORT])
         return path

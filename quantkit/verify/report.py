@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.io.manifest import file_entries, read_manifest, write_manifest
+from quantkit.io.portable import portable
 
 REPORT_JSON = "verify-report.json"
 REPORT_MD = "verify-report.md"
@@ -237,13 +238,19 @@ def write_report(report: VerifyReport, folder: str | Path) -> tuple[Path, Path]:
     root = Path(folder)
     report.files = {"json": REPORT_JSON, "markdown": REPORT_MD}
     paths = (root / REPORT_JSON, root / REPORT_MD)
-    for path, text in zip(paths, (json.dumps(report.as_dict(), indent=2, default=str) + "\n",
-                                  render_markdown(report)), strict=True):
+    local = _local_folders(report)
+    for path, text in zip(paths, (json.dumps(portable(report.as_dict(), local), indent=2, default=str) + "\n",
+                                  portable(render_markdown(report), local)), strict=True):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     record_in_manifest(root, report)
     return paths
+
+
+def _local_folders(report: VerifyReport) -> list[str | None]:
+    """The folders a report names, which its files (published with the release) name by their names only."""
+    return [report.folder, report.reference, (report.static or {}).get("source")]
 
 
 def record_in_manifest(folder: Path, report: VerifyReport) -> None:
@@ -256,5 +263,5 @@ def record_in_manifest(folder: Path, report: VerifyReport) -> None:
     files = [entry for entry in manifest["files"] if entry.get("path") not in reports]
     sections = {k: v for k, v in manifest.items() if k not in ("schema_version", "created", "files")}
     sections["verify"] = {"verdict": report.verdict, "report_json": REPORT_JSON, "report_markdown": REPORT_MD,
-                          "reference": report.reference}
+                          "reference": portable(report.reference, _local_folders(report))}
     write_manifest(folder, sections, files + file_entries(folder, reports))
