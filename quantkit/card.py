@@ -80,6 +80,16 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
             *("| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows)]
 
 
+def made_with(manifest: dict[str, Any]) -> dict[str, str]:
+    """The packages that made the release's files, as its quantize run recorded them in the manifest: not this
+    environment's, which a later run that skipped quantize may have changed."""
+    packages = {name: version for name, version in (manifest.get("tools") or {}).items() if version}
+    quantization = manifest.get("quantization") or {}
+    if quantization.get("backend") == "autoawq" and quantization.get("autoawq_version"):
+        packages["autoawq"] = quantization["autoawq_version"]
+    return packages
+
+
 def kernel_advice(report: dict[str, Any] | None) -> str:
     """What the card tells users about vLLM's int4 kernel, from the kernel verify saw vLLM pick."""
     int4 = ((report or {}).get("variants") or {}).get("int4") or {}
@@ -185,9 +195,10 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
     lines += ["", "## Reproduce", ""]
     if recipe.get("name"):
         lines += [(f"`{LOCK_NAME}` holds the recipe that made this release (`recipe.text`), the resolved revisions, "
-                  "package versions, machine, seeds and output hashes: save `recipe.text` as `recipe.yaml` and run "
+                  "the package versions that made the files, machine, seeds and output hashes: save `recipe.text` "
+                  "as `recipe.yaml` and run "
                   "`quantkit run recipe.yaml`.")]
-    packages = {k: v for k, v in (lock.get("packages") or manifest.get("tools") or {}).items() if v}
+    packages = made_with(manifest)
     if packages:
         lines += ["", "Made with " + ", ".join(f"{k} {v}" for k, v in packages.items()) + "."]
     lines += ["", "Every file's sha256 is in `quantkit-manifest.json`; `quantkit verify --static DIR` re-checks them."]

@@ -384,7 +384,7 @@ def run_command(
 
     Each stage is skipped when its output is already complete and made from the same inputs, so re-running after
     a failure resumes (quantize resumes per layer). quantkit-lock.json in the release folder records the
-    recipe, resolved revisions, package versions, machine, seeds and output hashes.
+    recipe, resolved revisions, the package versions that made the files, machine, seeds and output hashes.
 
     Example: quantkit run recipes/demo-tiny.yaml
     """
