@@ -9,7 +9,9 @@ handed to it and never printed, logged or written: error messages are scrubbed o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,23 @@ def check_publishable(folder: Path) -> list[str]:
     return problems
 
 
+def card_change(written: str | None, card: str, repo_id: str) -> str | None:
+    """Why the upload would rewrite the folder's README.md (None when it would not): most often the card names
+    another repo in its usage snippet (`quantkit run` without an upload section writes `path/to/FOLDER`)."""
+    if written == card:
+        return None
+    if written is None:
+        return f"{CARD_NAME} is missing; the upload writes the model card first"
+    named = re.search(r'LLM\(model="([^"]+)"', written)
+    if named and written.replace(named.group(1), repo_id) == card:
+        return (f"{CARD_NAME} names {named.group(1)} in its usage snippet; the upload rewrites it to name "
+                f"{repo_id}")
+    first = next(line for line, old in zip_longest(card.splitlines(), written.splitlines(), fillvalue="")
+                 if line != old)
+    return (f"{CARD_NAME} does not match the folder's manifest and reports any more (first changed line: "
+            f"{first!r}); the upload regenerates it")
+
+
 def _scrub(text: str, token: str | None) -> str:
     """huggingface_hub's messages do not carry the token; this makes sure ours never do either."""
     return text.replace(token, "***") if token else text
@@ -114,10 +133,11 @@ def upload(
         card = render_card(root, repo_id=repo_id)
         files = sorted(set(listed_files(root)) | {MANIFEST_NAME, CARD_NAME})
         sizes = sum((root / name).stat().st_size for name in files if (root / name).is_file())
-        changed = not (root / CARD_NAME).is_file() or (root / CARD_NAME).read_text(encoding="utf-8") != card
-        total = sizes - ((root / CARD_NAME).stat().st_size if (root / CARD_NAME).is_file() else 0) + len(card.encode())
-        if changed:
-            warnings.append(f"{CARD_NAME} would be (re)generated before the upload")
+        written = (root / CARD_NAME).read_text(encoding="utf-8") if (root / CARD_NAME).is_file() else None
+        total = sizes - ((root / CARD_NAME).stat().st_size if written is not None else 0) + len(card.encode())
+        change = card_change(written, card, repo_id)
+        if change:
+            warnings.append(change)
         if (token or get_token()) is None:
             warnings.append(f"no Hub token is set; the real upload needs one: {NO_TOKEN_HINT}")
         return UploadResult(repo_id, revision, files, total, message, dry_run=True, warnings=warnings)

@@ -16,7 +16,7 @@ from hub_server import LocalHub
 from hub_upload_double import FAKE_HUB_TOKEN, HubUploadDouble
 
 from quantkit.api import download, upload, verify, verify_static
-from quantkit.card import front_matter
+from quantkit.card import front_matter, write_card
 from quantkit.errors import VerifyError
 from quantkit.io.manifest import MANIFEST_NAME, listed_files
 
@@ -84,6 +84,18 @@ def test_dry_run_sends_nothing_and_writes_nothing(verified_release: Path, upload
     assert result.dry_run and result.commit_oid is None and "README.md" in result.files
     assert upload_double.requests == []
     assert {path: path.stat().st_mtime_ns for path in verified_release.rglob("*")} == before
+
+
+def test_dry_run_says_why_the_card_would_change(verified_release: Path, tmp_path: Path):
+    """`quantkit run` without an upload section writes a card whose usage names path/to/FOLDER: the dry run
+    says that is what the upload rewrites, and says nothing once the card names the repo."""
+    folder = copy_of(verified_release, tmp_path)
+    write_card(folder)
+    result = upload(folder, "org/name", dry_run=True, token=FAKE_HUB_TOKEN)
+    assert result.warnings == [("README.md names path/to/minicpmv26-tiny-awq in its usage snippet; the upload "
+                               "rewrites it to name org/name")]
+    write_card(folder, repo_id="org/name")
+    assert upload(folder, "org/name", dry_run=True, token=FAKE_HUB_TOKEN).warnings == []
 
 
 def test_corrupted_or_unverified_release_is_refused(verified_release: Path, upload_double: HubUploadDouble,
