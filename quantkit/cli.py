@@ -324,7 +324,9 @@ def eval_command(
     split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
     text_field: Annotated[str, typer.Option(help="Text column of --dataset.")] = "text",
     seq_len: Annotated[int, typer.Option(help="Tokens per block (blocks do not overlap).")] = 512,
-    n_samples: Annotated[int | None, typer.Option(help="Blocks to evaluate (default: all the text).")] = None,
+    n_samples: Annotated[int | None, typer.Option(
+        help="Blocks to evaluate, from the start of the text (default: 4, fewer if the text is shorter; under a "
+        "minute on a CPU for the tiny stand-in). An error says how many the text holds.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     save: Annotated[bool, typer.Option(
@@ -342,9 +344,14 @@ def eval_command(
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:  # gone once the report (or an error) prints
         task = progress.add_task("blocks", total=None)
+
+        def block_done(done: int, total: int) -> None:
+            progress.update(task, total=total, completed=done)
+            if not console.is_terminal:  # a log or pipe: rich draws no bar there, so one line per block
+                _progress_line(f"eval: block {done}/{total}")
+
         report = api.evaluate(model, reference, text=text, dataset=dataset, split=split, text_field=text_field,
-                              seq_len=seq_len, n_samples=n_samples, device=device,
-                              on_block_done=lambda done, total: progress.update(task, total=total, completed=done))
+                              seq_len=seq_len, n_samples=n_samples, device=device, on_block_done=block_done)
     if as_json:
         typer.echo(report.to_json())
     else:
