@@ -149,6 +149,8 @@ def quantize_command(
 
 def _print_static_report(report: api.StaticReport) -> None:
     """One row per check (✓ passed, ✗ failed, – skipped), then the size ratio and dequantization error."""
+    from quantkit.verify.static import size_reason
+
     table = Table(title=f"static checks: {report.folder}", title_justify="left")
     table.add_column("", width=1)
     table.add_column("check", no_wrap=True)
@@ -162,7 +164,8 @@ def _print_static_report(report: api.StaticReport) -> None:
     summary = report.summary
     if summary.get("size_ratio") is not None:
         out.print(Text(f"size: {summary['release_bytes'] / 2**20:.1f} MiB = {summary['size_ratio']:.3f} x the "
-                       f"{summary['size_basis']} ({summary['reference_bytes'] / 2**20:.1f} MiB)"))
+                       f"{summary['size_basis']} ({summary['reference_bytes'] / 2**20:.1f} MiB): "
+                       f"{size_reason(summary['kept_16bit_share'])}"))
     if summary.get("rel_error_max") is not None:
         out.print(Text(f"dequantization error: max {summary['rel_error_max']:.4f} "
                        f"({summary['rel_error_worst']}), mean {summary['rel_error_mean']:.4f}"))
