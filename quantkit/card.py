@@ -195,9 +195,8 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
     lines += ["", "## Reproduce", ""]
     if recipe.get("name"):
         lines += [(f"`{LOCK_NAME}` holds the recipe that made this release (`recipe.text`), the resolved revisions, "
-                  "the package versions that made the files, machine, seeds and output hashes: save `recipe.text` "
-                  "as `recipe.yaml` and run "
-                  "`quantkit run recipe.yaml`.")]
+                  "the package versions that made the files, the machine of its last run, seeds and output hashes: "
+                  "save `recipe.text` as `recipe.yaml` and run `quantkit run recipe.yaml`.")]
     packages = made_with(manifest)
     if packages:
         lines += ["", "Made with " + ", ".join(f"{k} {v}" for k, v in packages.items()) + "."]
