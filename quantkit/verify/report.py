@@ -249,8 +249,9 @@ def write_report(report: VerifyReport, folder: str | Path) -> tuple[Path, Path]:
 
 
 def _local_folders(report: VerifyReport) -> list[str | None]:
-    """The folders a report names, which its files (published with the release) name by their names only."""
-    return [report.folder, report.reference, (report.static or {}).get("source")]
+    """The local paths a report holds (folders, a prompt suite file), which its files, published with the
+    release, name by their names only."""
+    return [report.folder, report.reference, (report.static or {}).get("source"), report.settings.get("prompts")]
 
 
 def record_in_manifest(folder: Path, report: VerifyReport) -> None:

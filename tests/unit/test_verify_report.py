@@ -123,6 +123,22 @@ def test_fit_in_24_gib_for_real_minicpmv26_shapes() -> None:
     assert fit_in_memory(16, fp16_bytes, kv, 32768).max_batch == 0  # fp16 weights alone fill a 16 GiB card
 
 
+def test_report_files_name_local_paths_by_their_names(tmp_path: Path) -> None:
+    release, source, suite = tmp_path / "releases" / "demo", tmp_path / "models" / "src", tmp_path / "p.jsonl"
+    release.mkdir(parents=True)
+    report = sample_report(release)
+    report.reference = str(source)
+    report.settings = {"prompts": str(suite)}
+    report.reasons = [f"int4 variant ({release}) failed to run in vLLM: {source}/config.json: bad"]
+    json_path, md_path = write_report(report, release)
+    data = json.loads(json_path.read_text())
+    assert (data["folder"], data["reference"], data["settings"]["prompts"]) == ("demo", "src", "p.jsonl")
+    assert data["reasons"] == ["int4 variant (demo) failed to run in vLLM: src/config.json: bad"]
+    markdown = md_path.read_text()
+    assert "- int4 folder: `demo`\n- 16-bit reference: `src`" in markdown
+    assert str(tmp_path) not in markdown + json_path.read_text()
+
+
 def test_no_decisive_position_is_said_not_printed_as_agreement(tmp_path: Path) -> None:
     """Random weights: the 16-bit model's next-token probabilities are flat, no position is decisive and the
     greedy texts differ; top-1 agreement (1.0 by definition) must not read as a measurement."""
