@@ -74,20 +74,21 @@ def check_publishable(folder: Path) -> list[str]:
 
 
 def card_change(written: str | None, card: str, repo_id: str) -> str | None:
-    """Why the upload would rewrite the folder's README.md (None when it would not): most often the card names
-    another repo in its usage snippet (`quantkit run` without an upload section writes `path/to/FOLDER`)."""
+    """Why the upload would rewrite the folder's README.md (None when it would not): the card names another
+    repo in its usage snippet (`quantkit run` without an upload section writes `path/to/FOLDER`), and/or the
+    folder's manifest or reports changed since it was written (an eval report saved, a new verify run)."""
     if written == card:
         return None
     if written is None:
         return f"{CARD_NAME} is missing; the upload writes the model card first"
     named = re.search(r'LLM\(model="([^"]+)"', written)
-    if named and written.replace(named.group(1), repo_id) == card:
-        return (f"{CARD_NAME} names {named.group(1)} in its usage snippet; the upload rewrites it to name "
-                f"{repo_id}")
-    first = next(line for line, old in zip_longest(card.splitlines(), written.splitlines(), fillvalue="")
-                 if line != old)
-    return (f"{CARD_NAME} does not match the folder's manifest and reports any more (first changed line: "
-            f"{first!r}); the upload regenerates it")
+    renamed = written.replace(named.group(1), repo_id) if named else written
+    reasons = [f"its usage snippet names {named.group(1)}, not {repo_id}"] if renamed != written else []
+    if renamed != card:
+        first = next(line for line, old in zip_longest(card.splitlines(), renamed.splitlines(), fillvalue="")
+                     if line != old)
+        reasons.append(f"the folder's manifest or reports changed since it was written (first new line: {first!r})")
+    return f"the upload rewrites {CARD_NAME}: " + "; ".join(reasons)
 
 
 def _scrub(text: str, token: str | None) -> str:
