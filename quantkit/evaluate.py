@@ -81,8 +81,10 @@ class EvalReport:
         """Write EVAL_REPORT into `folder` (temporary name, then renamed): `verify` and the model card read it."""
         path = Path(folder) / EVAL_REPORT
         temporary = path.with_name(path.name + ".tmp")
-        local = [folder, self.model, self.reference, self.text_source]  # published with a release: names only
-        temporary.write_text(json.dumps(portable(self.as_dict(), local), indent=2) + "\n", encoding="utf-8")
+        # published with a release: local folders and files by their names only
+        data = portable(self.as_dict(), [folder, self.model, self.reference, self.text_source])
+        data |= {key: Path(getattr(self, key)).resolve().name for key in ("model", "reference") if getattr(self, key)}
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         os.replace(temporary, path)
         record_files(Path(folder), [EVAL_REPORT])
         return path

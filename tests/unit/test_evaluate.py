@@ -1,13 +1,17 @@
-"""eval's token blocks: without a count, the first DEFAULT_BLOCKS (fewer for a shorter text); a count must fit."""
+"""eval's token blocks: without a count, the first DEFAULT_BLOCKS (fewer for a shorter text); a count must fit.
+The saved report, published with a release, names local folders and files by their names."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from quantkit.cli import app
 from quantkit.errors import InputError
-from quantkit.evaluate import DEFAULT_BLOCKS, token_blocks
+from quantkit.evaluate import DEFAULT_BLOCKS, EvalReport, token_blocks
 
 
 def words(text: str, **kwargs) -> dict[str, list[int]]:
@@ -28,3 +32,14 @@ def test_default_count_and_a_shorter_text():
 def test_help_states_the_default():
     output = " ".join(CliRunner().invoke(app, ["eval", "--help"]).output.split())
     assert f"(default: {DEFAULT_BLOCKS}, fewer if the text is shorter" in output
+
+
+def test_saved_report_names_folders_and_files_by_their_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "releases" / "demo").mkdir(parents=True)
+    report = EvalReport(model="releases/demo", reference=str(tmp_path / "models" / "src"),
+                        text_source=str(tmp_path / "held-out.txt"), seq_len=8, n_blocks=2, perplexity=3.0)
+    saved = report.save("releases/demo")
+    data = json.loads(saved.read_text())
+    assert (data["model"], data["reference"], data["text_source"]) == ("demo", "src", "held-out.txt")
+    assert str(tmp_path) not in saved.read_text()
