@@ -44,8 +44,9 @@ class CalibrationSet:
         return self.blocks.shape[0] + len(self.multimodal)
 
     def describe(self) -> dict[str, Any]:
+        """What the release manifest records (published with it: a local file is named by its name only)."""
         return {
-            "source": self.source,
+            "source": Path(self.source).name if Path(self.source).is_absolute() else self.source,
             "fingerprint": self.fingerprint,
             "text_blocks": int(self.blocks.shape[0]),
             "seq_len": self.seq_len,

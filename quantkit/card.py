@@ -15,7 +15,15 @@ import yaml
 
 from quantkit.io.manifest import read_manifest, record_files
 from quantkit.recipe import LOCK_NAME, read_lock
-from quantkit.verify.report import EVAL_REPORT, REPORT_JSON, kernel_recommendation_line, speed_memory_rows
+from quantkit.verify.report import (
+    EVAL_REPORT,
+    REPORT_JSON,
+    kernel_recommendation_line,
+    no_decisive_note,
+    speed_memory_rows,
+    top1_cell,
+)
+from quantkit.verify.report import _fmt as _number  # one number format for the card and the verify report
 
 CARD_NAME = "README.md"
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -64,20 +72,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value).replace("|", "\\|")
+    return _number(value).replace("|", "\\|")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows)]
+
+
+def made_with(manifest: dict[str, Any]) -> dict[str, str]:
+    """The packages that made the release's files, as its quantize run recorded them in the manifest: not this
+    environment's, which a later run that skipped quantize may have changed."""
+    packages = {name: version for name, version in (manifest.get("tools") or {}).items() if version}
+    quantization = manifest.get("quantization") or {}
+    if quantization.get("backend") == "autoawq" and quantization.get("autoawq_version"):
+        packages["autoawq"] = quantization["autoawq_version"]
+    return packages
 
 
 def kernel_advice(report: dict[str, Any] | None) -> str:
@@ -183,17 +193,17 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
         lines += ["", "## Evaluation", "", (f"`quantkit eval` on {evaluation.get('n_blocks')} x "
                   f"{evaluation.get('seq_len')} tokens of {evaluation.get('text_source')}:"), ""]
         lines += _table(("metric", "value"), [
-            ("perplexity (int4)", evaluation.get("perplexity")),
-            ("perplexity (16-bit)", evaluation.get("reference_perplexity")),
-            ("mean KL(16-bit || int4), nats/token", evaluation.get("kl_mean")),
-            ("top-1 agreement", evaluation.get("top1_agreement"))])
+            ("perplexity (int4)", _number(evaluation.get("perplexity"), 4)),
+            ("perplexity (16-bit)", _number(evaluation.get("reference_perplexity"), 4)),
+            ("mean KL(16-bit || int4), nats/token", _number(evaluation.get("kl_mean"), 4)),
+            ("top-1 agreement", _number(evaluation.get("top1_agreement"), 4))])
 
     lines += ["", "## Reproduce", ""]
     if recipe.get("name"):
         lines += [(f"`{LOCK_NAME}` holds the recipe that made this release (`recipe.text`), the resolved revisions, "
-                  "package versions, machine, seeds and output hashes: save `recipe.text` as `recipe.yaml` and run "
-                  "`quantkit run recipe.yaml`.")]
-    packages = {k: v for k, v in (lock.get("packages") or manifest.get("tools") or {}).items() if v}
+                  "the package versions that made the files, the machine of its last run, seeds and output hashes: "
+                  "save `recipe.text` as `recipe.yaml` and run `quantkit run recipe.yaml`.")]
+    packages = made_with(manifest)
     if packages:
         lines += ["", "Made with " + ", ".join(f"{k} {v}" for k, v in packages.items()) + "."]
     lines += ["", "Every file's sha256 is in `quantkit-manifest.json`; `quantkit verify --static DIR` re-checks them."]
@@ -214,9 +224,11 @@ def _verification(report: dict[str, Any] | None) -> list[str]:
         lines += [("Parity through vLLM, int4 teacher-forced on the 16-bit greedy continuation "
                   f"(thresholds: {', '.join(f'{k} {_fmt(v)}' for k, v in thresholds.items() if v is not None)}):"), ""]
         lines += _table(("prompt", "kind", "tokens", "mean KL", "top-1 agree", "1st divergence", "verdict"),
-                        [(p["id"], p["kind"], p["metrics"]["positions"], p["metrics"]["mean_kl"],
-                          p["metrics"]["top1_agreement"], p["metrics"]["first_divergence"],
+                        [(p["id"], p["kind"], p["metrics"]["positions"], _number(p["metrics"]["mean_kl"], 4),
+                          top1_cell(p["metrics"]), p["metrics"]["first_divergence"],
                           "pass" if p["metrics"]["passed"] else "FAIL") for p in measured])
+        note = no_decisive_note(measured, thresholds)
+        lines += ["", note] if note else []
     else:
         lines += ["No parity numbers: vLLM did not run in this verification."]
     variants = report.get("variants") or {}

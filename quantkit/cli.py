@@ -18,7 +18,7 @@ from rich.text import Text
 
 from quantkit import api
 from quantkit.errors import QuantkitError
-from quantkit.verify.report import kernel_recommendation_line, speed_memory_rows
+from quantkit.verify.report import kernel_recommendation_line, no_decisive_note, speed_memory_rows, top1_cell
 
 app = typer.Typer(
     name="quantkit",
@@ -29,6 +29,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help, as click formats it: rich markup would eat bracketed text such as 'quantkit[autoawq]', keep
+    # the docstrings' line breaks mid-sentence and tag every flag `<bool>`.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},  # click's default 80 splits the examples' command lines
 )
 console = Console(stderr=True)
 
@@ -145,6 +149,8 @@ def quantize_command(
 
 def _print_static_report(report: api.StaticReport) -> None:
     """One row per check (✓ passed, ✗ failed, – skipped), then the size ratio and dequantization error."""
+    from quantkit.verify.static import size_reason
+
     table = Table(title=f"static checks: {report.folder}", title_justify="left")
     table.add_column("", width=1)
     table.add_column("check", no_wrap=True)
@@ -158,7 +164,8 @@ def _print_static_report(report: api.StaticReport) -> None:
     summary = report.summary
     if summary.get("size_ratio") is not None:
         out.print(Text(f"size: {summary['release_bytes'] / 2**20:.1f} MiB = {summary['size_ratio']:.3f} x the "
-                       f"{summary['size_basis']} ({summary['reference_bytes'] / 2**20:.1f} MiB)"))
+                       f"{summary['size_basis']} ({summary['reference_bytes'] / 2**20:.1f} MiB): "
+                       f"{size_reason(summary['kept_16bit_share'])}"))
     if summary.get("rel_error_max") is not None:
         out.print(Text(f"dequantization error: max {summary['rel_error_max']:.4f} "
                        f"({summary['rel_error_worst']}), mean {summary['rel_error_mean']:.4f}"))
@@ -185,10 +192,13 @@ def _print_verify_report(report: api.VerifyReport) -> None:
         for prompt in report.prompts:
             m = prompt["metrics"]
             table.add_row(prompt["id"], prompt["kind"], str(m["positions"]), f"{m['mean_kl']:.3g}",
-                          f"{m['top1_agreement']:.3f}", "–" if m["first_divergence"] is None
+                          top1_cell(m), "–" if m["first_divergence"] is None
                           else str(m["first_divergence"]), f"{m['text_similarity']:.3f}",
                           Text("pass", style="green") if m["passed"] else Text("FAIL", style="bold red"))
         out.print(table)
+        note = no_decisive_note(report.prompts, report.thresholds)
+        if note:
+            out.print(Text(note, style="dim"))
     if report.variants.get("int4", {}).get("ok"):
         table = Table(title="vLLM", title_justify="left")
         for column in ("", "16-bit", "int4"):
@@ -317,7 +327,9 @@ def eval_command(
     split: Annotated[str, typer.Option(help="Split of --dataset.")] = "test",
     text_field: Annotated[str, typer.Option(help="Text column of --dataset.")] = "text",
     seq_len: Annotated[int, typer.Option(help="Tokens per block (blocks do not overlap).")] = 512,
-    n_samples: Annotated[int | None, typer.Option(help="Blocks to evaluate (default: all the text).")] = None,
+    n_samples: Annotated[int | None, typer.Option(
+        help="Blocks to evaluate, from the start of the text (default: 4, fewer if the text is shorter; under a "
+        "minute on a CPU for the tiny stand-in). An error says how many the text holds.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     save: Annotated[bool, typer.Option(
@@ -335,9 +347,14 @@ def eval_command(
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:  # gone once the report (or an error) prints
         task = progress.add_task("blocks", total=None)
+
+        def block_done(done: int, total: int) -> None:
+            progress.update(task, total=total, completed=done)
+            if not console.is_terminal:  # a log or pipe: rich draws no bar there, so one line per block
+                _progress_line(f"eval: block {done}/{total}")
+
         report = api.evaluate(model, reference, text=text, dataset=dataset, split=split, text_field=text_field,
-                              seq_len=seq_len, n_samples=n_samples, device=device,
-                              on_block_done=lambda done, total: progress.update(task, total=total, completed=done))
+                              seq_len=seq_len, n_samples=n_samples, device=device, on_block_done=block_done)
     if as_json:
         typer.echo(report.to_json())
     else:
@@ -377,7 +394,7 @@ def run_command(
 
     Each stage is skipped when its output is already complete and made from the same inputs, so re-running after
     a failure resumes (quantize resumes per layer). quantkit-lock.json in the release folder records the
-    recipe, resolved revisions, package versions, machine, seeds and output hashes.
+    recipe, resolved revisions, the package versions that made the files, machine, seeds and output hashes.
 
     Example: quantkit run recipes/demo-tiny.yaml
     """

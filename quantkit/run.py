@@ -30,13 +30,13 @@ from typing import Any
 
 from quantkit.errors import DependencyError, HubError, InputError, QuantkitError, VerifyError
 from quantkit.io.manifest import MANIFEST_NAME, read_manifest, record_files, write_manifest
+from quantkit.io.portable import portable
 from quantkit.recipe import (
     FULL_SHA,
     LOCK_NAME,
     LoadedRecipe,
     load_recipe,
     machine,
-    package_versions,
     path_digest,
     read_lock,
     write_lock,
@@ -566,6 +566,8 @@ class _Run:
         if read_manifest(self.release) is None:
             return None
 
+        from quantkit.card import made_with
+
         recipe, loaded = self.recipe, self.loaded
         manifest = read_manifest(self.release) or {"files": []}
         source_manifest = read_manifest(self.source) or {}
@@ -581,18 +583,21 @@ class _Run:
                        "fingerprint": (manifest.get("calibration") or {}).get("fingerprint")}
         if "calibration_commit" in self.resolved:
             calibration["resolved_commit"] = self.resolved["calibration_commit"]
-        document = {
-            "recipe": {"path": str(loaded.path), "name": recipe.name, "sha256": loaded.sha256,
-                       "release": recipe.release, "content": recipe.model_dump(mode="json"), "text": loaded.text},
+        recorded = {  # published with the release: the run's folders are named by their names only
             "resolved": {"source": {**(source_manifest.get("source") or {}), "folder": str(self.source)},
                          "calibration": calibration, "verify": {"parity": self.parity_note}},
             "seeds": {"calibration": recipe.calibration.seed,
                       **({"standin": recipe.source.standin.seed} if recipe.source.standin else {})},
-            "packages": package_versions(),
+            "packages": made_with(manifest),
             "machine": machine(),
             "stages": stages,
             "outputs": {"folder": str(self.release),
                         "files": [e for e in manifest["files"] if e["path"] != LOCK_NAME]},
+        }
+        document = {
+            "recipe": {"path": loaded.path.name, "name": recipe.name, "sha256": loaded.sha256,
+                       "release": recipe.release, "content": recipe.model_dump(mode="json"), "text": loaded.text},
+            **portable(recorded, [self.release, self.source, loaded.path.parent]),
         }
         path = write_lock(self.release, document)
         record_files(self.release, [LOCK_NAME])

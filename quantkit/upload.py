@@ -9,7 +9,9 @@ handed to it and never printed, logged or written: error messages are scrubbed o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,24 @@ def check_publishable(folder: Path) -> list[str]:
     return problems
 
 
+def card_change(written: str | None, card: str, repo_id: str) -> str | None:
+    """Why the upload would rewrite the folder's README.md (None when it would not): the card names another
+    repo in its usage snippet (`quantkit run` without an upload section writes `path/to/FOLDER`), and/or the
+    folder's manifest or reports changed since it was written (an eval report saved, a new verify run)."""
+    if written == card:
+        return None
+    if written is None:
+        return f"{CARD_NAME} is missing; the upload writes the model card first"
+    named = re.search(r'LLM\(model="([^"]+)"', written)
+    renamed = written.replace(named.group(1), repo_id) if named else written
+    reasons = [f"its usage snippet names {named.group(1)}, not {repo_id}"] if renamed != written else []
+    if renamed != card:
+        first = next(line for line, old in zip_longest(card.splitlines(), renamed.splitlines(), fillvalue="")
+                     if line != old)
+        reasons.append(f"the folder's manifest or reports changed since it was written (first new line: {first!r})")
+    return f"the upload rewrites {CARD_NAME}: " + "; ".join(reasons)
+
+
 def _scrub(text: str, token: str | None) -> str:
     """huggingface_hub's messages do not carry the token; this makes sure ours never do either."""
     return text.replace(token, "***") if token else text
@@ -114,10 +134,11 @@ def upload(
         card = render_card(root, repo_id=repo_id)
         files = sorted(set(listed_files(root)) | {MANIFEST_NAME, CARD_NAME})
         sizes = sum((root / name).stat().st_size for name in files if (root / name).is_file())
-        changed = not (root / CARD_NAME).is_file() or (root / CARD_NAME).read_text(encoding="utf-8") != card
-        total = sizes - ((root / CARD_NAME).stat().st_size if (root / CARD_NAME).is_file() else 0) + len(card.encode())
-        if changed:
-            warnings.append(f"{CARD_NAME} would be (re)generated before the upload")
+        written = (root / CARD_NAME).read_text(encoding="utf-8") if (root / CARD_NAME).is_file() else None
+        total = sizes - ((root / CARD_NAME).stat().st_size if written is not None else 0) + len(card.encode())
+        change = card_change(written, card, repo_id)
+        if change:
+            warnings.append(change)
         if (token or get_token()) is None:
             warnings.append(f"no Hub token is set; the real upload needs one: {NO_TOKEN_HINT}")
         return UploadResult(repo_id, revision, files, total, message, dry_run=True, warnings=warnings)

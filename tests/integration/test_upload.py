@@ -16,9 +16,9 @@ from hub_server import LocalHub
 from hub_upload_double import FAKE_HUB_TOKEN, HubUploadDouble
 
 from quantkit.api import download, upload, verify, verify_static
-from quantkit.card import front_matter
+from quantkit.card import front_matter, write_card
 from quantkit.errors import VerifyError
-from quantkit.io.manifest import MANIFEST_NAME, listed_files
+from quantkit.io.manifest import MANIFEST_NAME, listed_files, record_files
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,24 @@ def test_dry_run_sends_nothing_and_writes_nothing(verified_release: Path, upload
     assert result.dry_run and result.commit_oid is None and "README.md" in result.files
     assert upload_double.requests == []
     assert {path: path.stat().st_mtime_ns for path in verified_release.rglob("*")} == before
+
+
+def test_dry_run_says_why_the_card_would_change(verified_release: Path, tmp_path: Path):
+    """`quantkit run` without an upload section writes a card whose usage names path/to/FOLDER: the dry run
+    says that is what the upload rewrites, says what else changed, and says nothing once the card is current."""
+    folder = copy_of(verified_release, tmp_path)
+    write_card(folder)
+    result = upload(folder, "org/name", dry_run=True, token=FAKE_HUB_TOKEN)
+    assert result.warnings == [("the upload rewrites README.md: its usage snippet names path/to/minicpmv26-tiny-awq, "
+                               "not org/name")]
+    write_card(folder, repo_id="org/name")
+    assert upload(folder, "org/name", dry_run=True, token=FAKE_HUB_TOKEN).warnings == []
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("## Reproduce", "## Reproduce (edited)"))
+    record_files(folder, ["README.md"])  # the folder stays publishable; only the card is stale
+    assert upload(folder, "org/name", dry_run=True, token=FAKE_HUB_TOKEN).warnings == [
+        ("the upload rewrites README.md: the folder's manifest or reports changed since it was written (first new "
+        "line: '## Reproduce')")]
 
 
 def test_corrupted_or_unverified_release_is_refused(verified_release: Path, upload_double: HubUploadDouble,

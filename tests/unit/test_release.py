@@ -4,6 +4,8 @@ into shards, and is written atomically (never a half release, never a left-over 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,37 @@ def test_shards_split_at_max_shard_bytes_with_a_consistent_index(rtn_release: Pa
     assert not any(n.startswith("llm.model.layers.") and n.endswith("_proj.weight") for n in index["weight_map"])
     tensor_bytes = sum((rtn_release / s).stat().st_size for s in shards)
     assert 0 < tensor_bytes - index["metadata"]["total_size"] < 3 * 20_000  # only the headers on top
+
+
+def test_size_check_says_how_much_of_the_model_stays_16_bit(rtn_release: Path, standin_dir: Path):
+    """The tiny stand-in is mostly embeddings: its release is barely smaller than the source, and the size check
+    says why, with the share counted here from the source's own tensors."""
+    from quantkit.io.shards import ShardReader, weight_map
+
+    numel = {}
+    with ShardReader(standin_dir) as reader:
+        for name in weight_map(standin_dir):
+            shape, _ = reader.shape_dtype(name)
+            numel[name] = math.prod(shape)
+    decoder_linear = re.compile(r"llm\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
+    linears = sum(n for name, n in numel.items() if decoder_linear.fullmatch(name))
+    kept = 1 - linears / sum(numel.values())
+    assert kept > 0.9
+    check = next(c for c in verify_static(rtn_release, source=standin_dir).checks if c.name == "size")
+    assert check.details["kept_16bit_share"] == pytest.approx(kept)
+    assert (f"{kept:.1%} of the 16-bit model's bytes are in tensors that stay 16-bit (embeddings, lm_head, vision "
+            f"tower, resampler, norms); only the quantized linears ({1 - kept:.1%}) shrink, ~4x") in check.message
+
+
+def test_every_file_gets_the_mode_a_new_file_gets(rtn_release: Path, tmp_path: Path):
+    """safetensors creates its files 0600: published shards would be unreadable to the other users of a shared
+    machine while every file beside them is not."""
+    (tmp_path / "new").write_text("")
+    expected = (tmp_path / "new").stat().st_mode & 0o777
+    modes = {p.name: p.stat().st_mode & 0o777 for p in rtn_release.iterdir()}
+    assert {name for name in modes if name.endswith(".safetensors")} == {
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
+    assert modes == dict.fromkeys(modes, expected)
 
 
 def test_manifest_records_source_settings_extra_tools_and_every_file(rtn_release: Path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from quantkit.archs import MINICPMV26_LLM_SHAPES
+from quantkit.card import write_card
 from quantkit.io.manifest import hash_file, read_manifest, write_manifest
 from quantkit.testing.standin import REAL, weight_specs
 from quantkit.verify.capacity import GIB, fit_in_memory, kv_bytes_per_token
@@ -119,3 +121,55 @@ def test_fit_in_24_gib_for_real_minicpmv26_shapes() -> None:
     assert 2.5 < int4.kv_cache_tokens / fp16.kv_cache_tokens < 3.5  # the seed: int4 fits ~3x the context
     assert fp16.max_len == int4.max_len == 32768
     assert fit_in_memory(16, fp16_bytes, kv, 32768).max_batch == 0  # fp16 weights alone fill a 16 GiB card
+
+
+def test_report_files_name_local_paths_by_their_names(tmp_path: Path) -> None:
+    release, source, suite = tmp_path / "releases" / "demo", tmp_path / "models" / "src", tmp_path / "p.jsonl"
+    release.mkdir(parents=True)
+    report = sample_report(release)
+    report.reference = str(source)
+    report.settings = {"prompts": str(suite)}
+    report.reasons = [f"int4 variant ({release}) failed to run in vLLM: {source}/config.json: bad"]
+    json_path, md_path = write_report(report, release)
+    data = json.loads(json_path.read_text())
+    assert (data["folder"], data["reference"], data["settings"]["prompts"]) == ("demo", "src", "p.jsonl")
+    assert data["reasons"] == ["int4 variant (demo) failed to run in vLLM: src/config.json: bad"]
+    markdown = md_path.read_text()
+    assert "- int4 folder: `demo`\n- 16-bit reference: `src`" in markdown
+    assert str(tmp_path) not in markdown + json_path.read_text()
+
+
+def test_no_decisive_position_is_said_not_printed_as_agreement(tmp_path: Path) -> None:
+    """Random weights: the 16-bit model's next-token probabilities are flat, no position is decisive and the
+    greedy texts differ; top-1 agreement (1.0 by definition) must not read as a measurement."""
+    flat = [{0: math.log(0.5), 1: math.log(0.5)}] * 3
+    metrics = prompt_parity("noise", flat, flat, [0, 0, 0], [1, 1, 1], "aaa", "bbb", ParityThresholds())
+    assert metrics.decisive_positions == 0 and metrics.top1_agreement == 1.0
+    report = sample_report(tmp_path)
+    report.prompts[0]["metrics"] = metrics.as_dict()
+    write_report(report, tmp_path)
+    markdown = (tmp_path / REPORT_MD).read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| cap |"))
+    assert row.split(" | ")[5] == "– (no decisive position)"
+    assert "no position of that prompt had the 16-bit model's top-1 probability lead its runner-up by at least " \
+           "0.05" in markdown
+    (tmp_path / "config.json").write_text("{}")
+    write_manifest(tmp_path, {})
+    card = (write_card(tmp_path)[0]).read_text()
+    assert "| cap | text | 3 | 0 | – (no decisive position) | 0 | pass |" in card
+    assert "no position of that prompt" in card
+
+
+def test_card_and_report_print_a_figure_alike(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    write_manifest(tmp_path, {})
+    report = sample_report(tmp_path)
+    report.variants["int4"]["speed"][0]["decode_tok_s"] = 22681.3
+    report.prompts[0]["metrics"]["mean_kl"] = 0.000123456
+    write_report(report, tmp_path)
+    card = (write_card(tmp_path)[0]).read_text()
+    markdown = (tmp_path / REPORT_MD).read_text()
+    for text in (markdown, card):
+        assert "| decode tok/s, batch 1 | 10 | 22,681 |" in text
+        assert "| cap | text | 1 | 0.0001235 |" in text
+        assert "e+0" not in text
