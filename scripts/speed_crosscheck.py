@@ -11,8 +11,9 @@ full - median 1-token). Defaults: batch 1 and 8, 512-token prompts, 256 decode t
     python scripts/speed_crosscheck.py RELEASE/verify-report.json [--setups recommended|all] [--json out.json]
 
 `recommended` (default, 2 engine starts) times the fastest 16-bit and int4 setups at the smallest batch size;
-`all` every measured 16-bit and int4 setup. The table shows verify's figure, this script's, and their ratio
-(the GPU acceptance: verify's batch-1 figures within 10% of these), then int4 / 16-bit by each method.
+`all` every measured 16-bit and int4 setup. The table lists every setup verify measured: verify's figure, this
+script's where it timed the setup, their ratio (the GPU acceptance: verify's batch-1 figures within 10% of these),
+then int4 / 16-bit by each method.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ import time
 from pathlib import Path
 
 MARK = "CROSSCHECK_RESULT "
+VARIANTS = {"reference": "16-bit", "int4": "int4"}
+
+
+def cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.1f}"
 
 
 def time_setup(spec: dict) -> dict:
@@ -96,6 +102,37 @@ def run_one(spec: dict) -> dict:
     return {int(batch): row for batch, row in json.loads(found[-1]).items()}
 
 
+def print_table(report: dict, results: list[dict], args: argparse.Namespace) -> None:
+    """Every setup verify measured (16-bit and int4), verify's decode figure beside this script's where it timed
+    the setup, and int4 / 16-bit by each method (over the fastest 16-bit setup of that method and batch)."""
+    measured = {(r["variant"], r["setup"]): r["measured"] for r in results}
+    trials = [t for t in report["speed_trials"] if t["ok"] and t["variant"] in ("reference", "int4")]
+
+    def fastest_16bit(figures: list[float | None]) -> float | None:
+        return max((f for f in figures if f), default=None)
+
+    print(f"\ndecode tok/s: verify vs independent LLM.generate ({args.prompt_len}-token prompts, "
+          f"{args.decode_tokens} decode tokens; verify's own plan is in its report)")
+    print("| variant | setup | batch | verify | independent | verify / independent | int4 / 16-bit, verify "
+          "| int4 / 16-bit, independent |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in args.batches:
+        ours = {(t["variant"], t["setup"]["name"]): verify_figure(report, t["variant"], t["setup"]["name"], batch)
+                for t in trials}
+        theirs = {key: (m.get(batch) or {}).get("decode_tok_s") if "error" not in m else None
+                  for key, m in measured.items()}
+        ref_ours = fastest_16bit([v for (variant, _), v in ours.items() if variant == "reference"])
+        ref_theirs = fastest_16bit([v for (variant, _), v in theirs.items() if variant == "reference"])
+        for (variant, setup), mine in ours.items():
+            other = theirs.get((variant, setup))
+            failed = measured.get((variant, setup), {}).get("error")
+            ratio = [f"{a / b:.2f}x" if variant == "int4" and a and b else "" for a, b in
+                     ((mine, ref_ours), (other, ref_theirs))]
+            print(f"| {VARIANTS[variant]} | {setup} | {batch} | {cell(mine)} | "
+                  f"{'failed: ' + failed if failed else cell(other)} | "
+                  f"{f'{mine / other:.3f}' if mine and other else '–'} | {ratio[0]} | {ratio[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("report", nargs="?", help="verify-report.json of the int4 release")
@@ -127,28 +164,7 @@ def main() -> None:
                         "verify": {b: verify_figure(report, item["variant"], item["setup"]["name"], b)
                                    for b in args.batches}})
 
-    def cell(value: float | None) -> str:
-        return "–" if value is None else f"{value:,.1f}"
-
-    reference = next((r for r in results if r["variant"] == "reference" and "error" not in r["measured"]), None)
-    print(f"\ndecode tok/s, verify vs independent LLM.generate ({args.prompt_len}-token prompts, "
-          f"{args.decode_tokens} decode tokens)")
-    print("| variant | setup | batch | verify | independent | verify / independent | int4 / 16-bit, verify "
-          "| int4 / 16-bit, independent |")
-    print("|---|---|---|---|---|---|---|---|")
-    for result in results:
-        if "error" in result["measured"]:
-            print(f"| {result['variant']} | {result['setup']} | – | – | failed: {result['measured']['error']} | | | |")
-            continue
-        for batch in args.batches:
-            ours, theirs = result["verify"][batch], result["measured"][batch]["decode_tok_s"]
-            agree = f"{ours / theirs:.3f}" if ours else "–"
-            ratios = ["", ""]
-            if result["variant"] == "int4" and reference:
-                ref_verify, ref_measured = reference["verify"][batch], reference["measured"][batch]["decode_tok_s"]
-                ratios = [f"{ours / ref_verify:.2f}x" if ours and ref_verify else "–", f"{theirs / ref_measured:.2f}x"]
-            print(f"| {result['variant']} | {result['setup']} | {batch} | {cell(ours)} | {cell(theirs)} | {agree} "
-                  f"| {ratios[0]} | {ratios[1]} |")
+    print_table(report, results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

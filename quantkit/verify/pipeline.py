@@ -193,8 +193,8 @@ def verify(
                                 max_runs=speed_trials, floor_model=lambda: _floor_model(reference_dir, Path(scratch)),
                                 progress=say)
         report.speed_trials = [trial.as_dict() for trial in trials]
-        report.speed_recommendation = recommend(trials, runs["int4"].gpu_name, runs["int4"].dtype,
-                                                runs["int4"].max_model_len)
+        int4 = runs["int4"]
+        report.speed_recommendation = recommend(trials, int4.gpu_name or int4.device, int4.dtype, int4.max_model_len)
     report.variants = {label: run.summary() for label, run in runs.items()}
     report.environment = _environment(list(runs.values()))
     failed = [(label, run) for label, run in runs.items() if not run.ok]
