@@ -14,10 +14,11 @@
 #
 # verify runs longer than one device call (10 min): start it detached, then keep calling `wait` back to back
 # (a machine stays warm ~30 s between calls; a process started with setsid survives the call that started it).
-# Keep OUT off the device tool's $OUT, which is emptied before each call; copy it there in the last call:
-#   export OUT=/root/quantkit-e2e/out; mkdir -p $OUT
+# Keep OUT off the device tool's $OUT, which is emptied before each call (start every call with the export):
+#   export TOOL_OUT=$OUT OUT=/root/quantkit-e2e/out; mkdir -p $OUT
 #   setsid nohup bash scripts/gpu_e2e.sh verify > $OUT/e2e-verify.log 2>&1 < /dev/null & sleep 5
 #   bash scripts/gpu_e2e.sh wait      # in this call and the next ones, until it prints the final table
+#   cp $OUT/* $TOOL_OUT/              # in the last call, to bring the reports and logs back
 #
 # Needs vLLM importable (on the lent H100: ../shared/device/README.md's three staging calls, then
 # `export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn`).
