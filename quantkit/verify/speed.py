@@ -19,10 +19,11 @@ HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12}
 
 
 def speed_row(batch: int, prompt_len: int, decode_tokens: int, prefill_s: list[float],
-              total_s: list[float]) -> dict[str, Any]:
+              total_s: list[float], warmup_s: float) -> dict[str, Any]:
     """One batch size's figures from the timed runs (seconds): prefill = batch x prompt_len tokens over the median
     1-token run; decode = batch x decode_tokens over (median long run - median 1-token run); ms_per_step = the
-    time of one decode step of the whole batch."""
+    time of one decode step of the whole batch. `warmup_s` is the untimed first long run at this batch size:
+    `first_run_decode_tok_s` is what timing it would have reported (verify's method before issue 13)."""
     prefill, total = statistics.median(prefill_s), statistics.median(total_s)
     decode_s = total - prefill
     if decode_s <= 0:
@@ -36,8 +37,10 @@ def speed_row(batch: int, prompt_len: int, decode_tokens: int, prefill_s: list[f
         "prefill_tok_s": batch * prompt_len / prefill,
         "decode_tok_s": batch * decode_tokens / decode_s,
         "ms_per_step": 1000 * decode_s / decode_tokens,
+        "first_run_decode_tok_s": batch * decode_tokens / (warmup_s - prefill),
         "prefill_s": list(prefill_s),
         "total_s": list(total_s),
+        "warmup_s": warmup_s,
     }
 
 

@@ -14,16 +14,17 @@ from quantkit.verify.speed import bandwidth_floor_ms, speed_row
 
 def test_each_figure_is_a_median_and_the_prefill_is_subtracted() -> None:
     # prefill medians 0.25 s, long runs 2.25 s (one slow outlier at 9 s): 256 steps of 8 sequences in 2.0 s
-    row = speed_row(8, 512, 256, prefill_s=[0.25, 0.5, 0.25], total_s=[2.25, 9.0, 2.25])
+    row = speed_row(8, 512, 256, prefill_s=[0.25, 0.5, 0.25], total_s=[2.25, 9.0, 2.25], warmup_s=4.25)
     assert row["prefill_tok_s"] == 16384.0  # 8 x 512 / 0.25
     assert row["decode_tok_s"] == 1024.0  # 8 x 256 / (2.25 - 0.25)
     assert row["ms_per_step"] == 7.8125  # 2000 ms / 256
+    assert row["first_run_decode_tok_s"] == 512.0  # the warm-up, timed alone: 8 x 256 / (4.25 - 0.25)
     assert (row["batch"], row["prompt_len"], row["decode_tokens"], row["repeats"]) == (8, 512, 256, 3)
 
 
 def test_a_decode_not_slower_than_its_prefill_is_refused() -> None:
     with pytest.raises(ValueError, match="batch 1: the 33-token runs"):
-        speed_row(1, 128, 32, prefill_s=[0.5], total_s=[0.5])
+        speed_row(1, 128, 32, prefill_s=[0.5], total_s=[0.5], warmup_s=0.5)
 
 
 def test_bandwidth_floor_from_the_device_name() -> None:
@@ -60,3 +61,5 @@ def test_the_warm_up_runs_the_timed_shapes_so_no_first_run_cost_is_timed(monkeyp
     assert [row["decode_tok_s"] for row in rows] == pytest.approx([250.0, 1000.0])
     assert [row["ms_per_step"] for row in rows] == pytest.approx([4.0, 4.0])
     assert [row["prefill_tok_s"] for row in rows] == pytest.approx([800.0, 800.0])  # 16 tokens per 0.02 s
+    # the first long run at each batch size carries the 0.5 s: timing it (the old method) reads 15x low
+    assert [row["first_run_decode_tok_s"] for row in rows] == pytest.approx([8 / 0.532, 32 / 0.532])
