@@ -21,6 +21,7 @@ from quantkit.errors import QuantkitError
 from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS
 from quantkit.verify.report import (
     RECOMMENDATION_HEADER,
+    floors_note,
     recommendation_rows,
     serve_advice,
     speed_memory_rows,
@@ -219,7 +220,8 @@ def _print_verify_report(report: api.VerifyReport) -> None:
     if report.speed_recommendation:
         _print_table(out, "fastest setup per batch size", RECOMMENDATION_HEADER,
                      recommendation_rows(report.speed_recommendation))
-        for line in serve_advice(report.speed_recommendation, report.folder):
+        for line in [floors_note(report.speed_recommendation), *serve_advice(report.speed_recommendation,
+                                                                              report.folder)]:
             if line and not line.startswith("```"):
                 out.print(Text(line))
     for label, variant in report.variants.items():

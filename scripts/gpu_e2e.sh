@@ -54,11 +54,11 @@ PY
     rm -f "$OUT/verify.done"
     python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 --speed-trials "${SPEED_TRIALS:-3}" \
         2>&1 | tee "$OUT/verify.log" | tail -n 60 || echo "verify exited non-zero (verdict FAIL or error): see $OUT/verify.log"
-    cp "$INT4"/verify-report.* "$OUT/"
+    cp "$INT4"/verify-report.* "$OUT/" || { echo "no verify report: see $OUT/verify.log"; touch "$OUT/verify.done"; exit 1; }
     python3 scripts/speed_crosscheck.py "$INT4/verify-report.json" --setups "${CROSSCHECK:-recommended}" \
         --json "$OUT/crosscheck.json" --log-dir "$OUT" > "$OUT/crosscheck.txt" 2>&1 || true
     { echo "== verify: fastest setup per batch size, and the serve command (verify-report.md) =="
-      sed -n '/^Fastest measured setup per batch size:/,/^Bandwidth floor\|^No bandwidth floor/p' "$OUT/verify-report.md"
+      sed -n '/^Fastest measured setup per batch size:/,/^## /p' "$OUT/verify-report.md" | grep -v '^## '
       echo; echo "== verify's decode figures vs the independent timing (scripts/speed_crosscheck.py) =="
       sed -n '/^decode tok\/s: verify vs independent/,$p' "$OUT/crosscheck.txt"
     } | tee "$OUT/summary.txt"
@@ -66,7 +66,7 @@ PY
     ;;
   wait)
     for _ in $(seq "$(( ${WAIT_S:-570} / 10 ))"); do [ -f "$OUT/verify.done" ] && break; sleep 10; done
-    if [ -f "$OUT/verify.done" ]; then cat "$OUT/summary.txt"; else echo "still running:"; tail -n 5 "$OUT/verify.log" "$OUT/crosscheck.txt" 2>/dev/null; fi
+    if [ -f "$OUT/verify.done" ]; then cat "$OUT/summary.txt" 2>/dev/null || tail -n 30 "$OUT/verify.log"; else echo "still running:"; tail -n 5 "$OUT/verify.log" "$OUT/crosscheck.txt" 2>/dev/null; fi
     ;;
   *)
     echo "usage: $0 build|verify|wait" >&2

@@ -150,28 +150,33 @@ def recommendation_rows(recommendation: dict[str, Any]) -> list[tuple[Any, ...]]
 
 
 def serve_advice(recommendation: dict[str, Any] | None, model: str) -> list[str]:
-    """Markdown lines: the `vllm serve` command of the int4 setup fastest at the smallest batch, any other batch
-    size whose fastest setup differs, and where the bandwidth floor's figure comes from."""
+    """Markdown lines: the `vllm serve` command of the int4 setup fastest at the smallest batch, then any other
+    batch size whose fastest setup differs."""
     if not recommendation:
         return []
     rows = recommendation["rows"]
     first = rows[0]
     gain = (f"{first['int4']['vs_default']:.2f}x vLLM's defaults" if first["int4"]["setup"]["name"] != "vLLM defaults"
             else "vLLM's defaults are the fastest measured")
-    lines = [f"Fastest int4 setup at batch {first['batch']} ({first['int4']['decode_tok_s']:,.1f} tok/s, {gain}):", "",
-             "```bash", serve_command(model, recommendation), "```"]
+    versus = f"{first['int4_vs_16bit']:.2f}x the 16-bit model, " if first.get("int4_vs_16bit") else ""
+    head = f"Fastest int4 setup at batch {first['batch']} ({first['int4']['decode_tok_s']:,.1f} tok/s, {versus}{gain}):"
+    lines = [head, "", "```bash", serve_command(model, recommendation), "```"]
     for index, row in enumerate(rows[1:], start=1):
         if row["int4"]["setup"] != first["int4"]["setup"]:
             lines += ["", (f"At batch {row['batch']} the fastest was {row['int4']['setup']['name']} "
                            f"({row['int4']['vs_default']:.2f}x vLLM's defaults): "
                            f"`{serve_command(model, recommendation, batch_index=index)}`")]
-    rate = recommendation.get("hbm_bytes_per_s")
-    lines += ["", (f"Bandwidth floor: the weights as loaded (vision tower included, which decode does not read) "
-                   f"read once per step at {rate / 1e12:.2f} TB/s (quantkit.verify.speed.HBM_BYTES_PER_S for "
-                   f"{recommendation['device']}). Per-step floor: one decode step of the tiny stand-in (random "
-                   "weights, same vocabulary and layer types) in the same run." if rate else
-                   f"No bandwidth floor: no memory bandwidth is known for device {recommendation.get('device')}.")]
     return lines
+
+
+def floors_note(recommendation: dict[str, Any]) -> str:
+    """Where the two floors beside the ratios come from."""
+    rate = recommendation.get("hbm_bytes_per_s")
+    bandwidth = (f"the weights as loaded (vision tower included, which decode does not read) read once per step at "
+                 f"{rate / 1e12:.2f} TB/s (quantkit.verify.speed.HBM_BYTES_PER_S for {recommendation['device']})"
+                 if rate else f"none: no memory bandwidth is known for device {recommendation.get('device')}")
+    return ("Per-step floor: one decode step of the tiny stand-in (random weights, same vocabulary and layer types) "
+            f"in the same run. Bandwidth floor: {bandwidth}.")
 
 
 def _code(text: str) -> str:
@@ -245,7 +250,8 @@ def render_markdown(report: VerifyReport) -> str:
                       "| " + " | ".join(RECOMMENDATION_HEADER) + " |", "|---" * len(RECOMMENDATION_HEADER) + "|"]
             lines += ["| " + " | ".join(_fmt(value) for value in row) + " |"
                       for row in recommendation_rows(report.speed_recommendation)]
-            lines += ["", *serve_advice(report.speed_recommendation, report.folder)]
+            lines += ["", floors_note(report.speed_recommendation), "",
+                      *serve_advice(report.speed_recommendation, report.folder)]
 
     if report.memory_fit:
         lines += ["", "## What fits on the GPU (calculated)", "",

@@ -10,7 +10,7 @@ import pytest
 from quantkit.card import render_card
 from quantkit.verify import kernels
 from quantkit.verify.kernels import DISABLE_ENV, FULL_DECODE_ONLY, Setup, recommend, run_trials, serve_command
-from quantkit.verify.report import VerifyReport, render_markdown
+from quantkit.verify.report import VerifyReport, floors_note, render_markdown
 from quantkit.verify.vllm_runner import EngineSettings, VariantRun
 
 GIB = 2**30
@@ -144,10 +144,13 @@ def test_report_and_card_carry_the_table_and_the_serve_command(fake_vllm: list, 
             "--max-model-len 4096\n```") in markdown
     assert "At batch 8 the fastest was VLLM_DISABLED_KERNELS=MacheteLinearKernel, cudagraph_mode" in markdown
     assert "read once per step at 4.80 TB/s (quantkit.verify.speed.HBM_BYTES_PER_S for NVIDIA H200)" in markdown
+    cpu = {**report.speed_recommendation, "device": "cpu (2 cores visible)", "hbm_bytes_per_s": None}
+    assert floors_note(cpu).endswith("Bandwidth floor: none: no memory bandwidth is known for device cpu (2 cores "
+                                     "visible).")
 
     (tmp_path / "verify-report.json").write_text(__import__("json").dumps(report.as_dict()))
     card = render_card(tmp_path, repo_id="org/MiniCPM-V-2_6-AWQ")
-    assert ("Setups compared by verify on that machine (cuda). Fastest int4 setup at batch 1 (320.0 tok/s, 1.28x "
-            "vLLM's defaults):") in card
+    assert ("Setups compared by verify on that machine (cuda). Fastest int4 setup at batch 1 (320.0 tok/s, 1.60x "
+            "the 16-bit model, 1.28x vLLM's defaults):") in card
     assert ("```bash\nVLLM_DISABLED_KERNELS=MacheteLinearKernel vllm serve org/MiniCPM-V-2_6-AWQ --trust-remote-code "
             "--dtype float16 --max-model-len 4096\n```") in card
