@@ -58,7 +58,7 @@ PY
     python3 scripts/speed_crosscheck.py "$INT4/verify-report.json" --setups "${CROSSCHECK:-recommended}" \
         --json "$OUT/crosscheck.json" --log-dir "$OUT" > "$OUT/crosscheck.txt" 2>&1 || true
     { echo "== verify: fastest setup per batch size, and the serve command (verify-report.md) =="
-      sed -n '/^Fastest measured setup per batch size:/,/^## /p' "$OUT/verify-report.md" | grep -v '^## '
+      sed -n '/^Fastest measured setup per batch size:/,/^## /p' "$OUT/verify-report.md" | grep -v '^## ' || true
       echo; echo "== verify's decode figures vs the independent timing (scripts/speed_crosscheck.py) =="
       sed -n '/^decode tok\/s: verify vs independent/,$p' "$OUT/crosscheck.txt"
     } | tee "$OUT/summary.txt"
