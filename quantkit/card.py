@@ -18,8 +18,8 @@ from quantkit.recipe import LOCK_NAME, read_lock
 from quantkit.verify.report import (
     EVAL_REPORT,
     REPORT_JSON,
-    kernel_recommendation_line,
     no_decisive_note,
+    serve_advice,
     speed_memory_rows,
     top1_cell,
 )
@@ -90,8 +90,9 @@ def made_with(manifest: dict[str, Any]) -> dict[str, str]:
     return packages
 
 
-def kernel_advice(report: dict[str, Any] | None) -> str:
-    """What the card tells users about vLLM's int4 kernel, from the kernel verify saw vLLM pick."""
+def kernel_advice(report: dict[str, Any] | None, repo: str) -> str:
+    """What the card tells users about vLLM's int4 kernel, from the kernel verify saw vLLM pick, and the
+    `vllm serve` command of the setup verify measured fastest."""
     int4 = ((report or {}).get("variants") or {}).get("int4") or {}
     kernel, warning = int4.get("kernel"), int4.get("kernel_warning")
     if kernel is None:
@@ -103,11 +104,11 @@ def kernel_advice(report: dict[str, Any] | None) -> str:
               f"{' (a fast kernel)' if any(k in kernel for k in _FAST_AWQ_KERNELS) else ''}.")
     if warning:
         advice += f" Warning from verify: {warning}"
-    recommendation = kernel_recommendation_line((report or {}).get("kernel_recommendation"))
-    if recommendation:
-        advice += f" Kernels compared on that machine: {recommendation}"
-    return advice + (" Do not pass `quantization=\"awq\"`: it forces the legacy kernel, several times slower "
-                     "than Marlin.")
+    advice += (" Do not pass `quantization=\"awq\"`: it forces the legacy kernel, several times slower "
+               "than Marlin.")
+    serve = serve_advice((report or {}).get("speed_recommendation"), repo)
+    return "\n".join([advice, "", f"Setups compared by verify on that machine ({device}). " + serve[0], *serve[1:]]) \
+        if serve else advice
 
 
 def render_card(folder: str | Path, source_folder: str | Path | None = None, repo_id: str | None = None) -> str:
@@ -162,7 +163,7 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
               "                       SamplingParams(max_tokens=128, temperature=0))", "```", "",
               (f"or `vllm serve {repo} --trust-remote-code`. No `quantization=` argument is needed: vLLM reads "
               "`quantization_config` from config.json and picks its AWQ kernel itself."), "",
-              kernel_advice(report)]
+              kernel_advice(report, repo)]
 
     settings = quantization.get("settings") or {}
     qconfig = quantization.get("quantization_config") or {}

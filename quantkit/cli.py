@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,7 +18,17 @@ from rich.text import Text
 
 from quantkit import api
 from quantkit.errors import QuantkitError
-from quantkit.verify.report import kernel_recommendation_line, no_decisive_note, speed_memory_rows, top1_cell
+from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS
+from quantkit.verify.report import (
+    RECOMMENDATION_HEADER,
+    floors_note,
+    no_decisive_note,
+    recommendation_rows,
+    serve_advice,
+    speed_memory_rows,
+    speed_trial_rows,
+    top1_cell,
+)
 
 app = typer.Typer(
     name="quantkit",
@@ -178,6 +188,16 @@ def _progress_line(line: str) -> None:
     console.print(Text(f"{time.strftime('%H:%M:%S')} {line}", style="dim"))
 
 
+def _print_table(out: Console, title: str, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("–" if value is None else f"{value:,.1f}" if isinstance(value, float) else str(value)
+                        for value in row))
+    out.print(table)
+
+
 def _print_verify_report(report: api.VerifyReport) -> None:
     """Static summary, one row per prompt, the side-by-side speed/memory rows, the verdict and its reasons."""
     out = Console(soft_wrap=False)
@@ -206,17 +226,16 @@ def _print_verify_report(report: api.VerifyReport) -> None:
         for what, ref, quant in speed_memory_rows(report.variants):
             table.add_row(what, *(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in (ref, quant)))
         out.print(table)
-    if report.kernels:
-        table = Table(title="int4 linear kernels", title_justify="left")
-        for column in ("kernel", "disabled", "decode tok/s, batch 1"):
-            table.add_column(column)
-        for trial in report.kernels:
-            table.add_row(trial["kernel"] or f"failed: {trial['error']}", ",".join(trial["disabled"]) or "-",
-                          f"{trial['speed'][0]['decode_tok_s']:,.1f}" if trial["speed"] else "-")
-        out.print(table)
-        advice = kernel_recommendation_line(report.kernel_recommendation)
-        if advice:
-            out.print(Text(advice))
+    if report.speed_trials:
+        header, rows = speed_trial_rows(report.speed_trials)
+        _print_table(out, "vLLM setups (decode: median of repeated runs)", header, rows)
+    if report.speed_recommendation:
+        _print_table(out, "fastest setup per batch size", RECOMMENDATION_HEADER,
+                     recommendation_rows(report.speed_recommendation))
+        for line in [floors_note(report.speed_recommendation), *serve_advice(report.speed_recommendation,
+                                                                              report.folder)]:
+            if line and not line.startswith("```"):
+                out.print(Text(line))
     for label, variant in report.variants.items():
         if variant.get("kernel_warning"):
             out.print(Text(f"warning ({label}): {variant['kernel_warning']}", style="yellow"))
@@ -253,10 +272,11 @@ def verify_command(
     min_top1: Annotated[float, typer.Option(
         "--min-top1", help="Fail a prompt whose top-1 agreement is below this.",
     )] = api.ParityThresholds.min_top1_agreement,
-    kernel_alternatives: Annotated[int, typer.Option(
-        "--kernel-alternatives", help="After the parity runs, time the int4 release again with vLLM's chosen "
-        "linear kernel disabled (VLLM_DISABLED_KERNELS), up to N times, and recommend the fastest (GPU: e.g. "
-        "Machete -> Marlin).", min=0)] = 0,
+    speed_trials: Annotated[int, typer.Option(
+        "--speed-trials", help="Engine starts for the vLLM setup trial after the two parity runs, in this order: "
+        "int4 with vLLM's kernel choice disabled (Machete -> Marlin), the tiny stand-in (per-step floor), int4 "
+        "with cudagraph_mode FULL_DECODE_ONLY, 16-bit with it. Kernel and CUDA-graph runs happen on a GPU only. "
+        "0: none.", min=0)] = DEFAULT_SPEED_TRIALS,
 ) -> None:
     """Check a release folder before it is served or uploaded; exit 0 when every check passes, 1 otherwise.
 
@@ -272,7 +292,7 @@ def verify_command(
         report = api.verify(folder, reference=reference or source, prompts=prompts,
                             thresholds=api.ParityThresholds(max_mean_kl=max_kl, min_top1_agreement=min_top1),
                             gpu_memory_gb=gpu_memory_gb, max_tokens=max_tokens, max_rel_error=max_rel_error,
-                            kernel_alternatives=kernel_alternatives, progress=_progress_line, source=source)
+                            speed_trials=speed_trials, progress=_progress_line, source=source)
         if as_json:
             typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
         else:

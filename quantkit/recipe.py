@@ -27,6 +27,7 @@ from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, TABLE_SUFFIXES, TEXT_SUFFIXES
 from quantkit.errors import InputError
 from quantkit.io.manifest import hash_file
+from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS
 from quantkit.verify.parity import ParityThresholds
 
 LOCK_NAME = "quantkit-lock.json"
@@ -126,8 +127,8 @@ class VerifySection(_Section):
     gpu_memory_gb: float | None = Field(default=None, gt=0)
     max_tokens: int = Field(default=64, gt=0)
     max_rel_error: float = Field(default=0.2, gt=0)
-    kernel_alternatives: int = Field(default=0, ge=0)
-    """Re-time the int4 release with vLLM's chosen linear kernel disabled, up to this many times (GPU)."""
+    speed_trials: int = Field(default=DEFAULT_SPEED_TRIALS, ge=0)
+    """Engine starts for verify's vLLM setup trial after the parity runs (quantkit.verify.kernels)."""
 
 
 class OutputSection(_Section):

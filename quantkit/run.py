@@ -507,7 +507,7 @@ class _Run:
                         prompts=self.loaded.resolve(settings.prompts) if settings.prompts else None,
                         thresholds=self.recipe.thresholds(), gpu_memory_gb=settings.gpu_memory_gb,
                         max_tokens=settings.max_tokens, max_rel_error=settings.max_rel_error,
-                        kernel_alternatives=settings.kernel_alternatives)
+                        speed_trials=settings.speed_trials)
         report.settings["parity"] = self.parity_note
         if not self.use_vllm:
             report.environment["vllm_parity"] = self.parity_note

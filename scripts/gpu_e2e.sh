@@ -4,8 +4,21 @@
 #
 #   bash scripts/gpu_e2e.sh build     # stand-in at real shapes + quantize (about 5 min on an H100;
 #                                     # 104 x 512 calibration tokens: the pydoc calibration half holds ~55k)
-#   bash scripts/gpu_e2e.sh verify    # vLLM: both variants (parity, speed, memory), then the int4 speed again
-#                                     # with vLLM's kernel choice disabled (Machete -> Marlin); about 7 min
+#   bash scripts/gpu_e2e.sh verify    # vLLM: both variants (parity, speed, memory), the setup trial
+#                                     # (SPEED_TRIALS engine starts, default 3: int4 Marlin, tiny stand-in as
+#                                     # per-step floor, int4 FULL_DECODE_ONLY), then scripts/speed_crosscheck.py
+#                                     # times the recommended 16-bit and int4 setups with plain LLM.generate
+#                                     # (CROSSCHECK=recommended: 2 engine starts; all: every setup) and prints
+#                                     # verify's figures beside its own; about 7 engine starts, ~14 min in all
+#   bash scripts/gpu_e2e.sh wait      # a later call: waits (up to WAIT_S, default 570 s) for a detached verify
+#
+# verify runs longer than one device call (10 min): start it detached, then keep calling `wait` back to back
+# (a machine stays warm ~30 s between calls; a process started with setsid survives the call that started it).
+# Keep OUT off the device tool's $OUT, which is emptied before each call (start every call with the export):
+#   export TOOL_OUT=$OUT OUT=/root/quantkit-e2e/out; mkdir -p $OUT
+#   setsid nohup bash scripts/gpu_e2e.sh verify > $OUT/e2e-verify.log 2>&1 < /dev/null & sleep 5
+#   bash scripts/gpu_e2e.sh wait      # in this call and the next ones, until it prints the final table
+#   cp $OUT/* $TOOL_OUT/              # in the last call, to bring the reports and logs back
 #
 # Needs vLLM importable (on the lent H100: ../shared/device/README.md's three staging calls, then
 # `export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn`).
@@ -44,12 +57,25 @@ PY
     du -sh "$FP16" "$INT4"
     ;;
   verify)
-    python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 --kernel-alternatives 1 2>&1 \
-        | tee "$OUT/verify.log" | tail -n 60 || echo "verify exited non-zero (verdict FAIL or error): see $OUT/verify.log"
-    cp "$INT4"/verify-report.* "$OUT/"
+    rm -f "$OUT/verify.done"
+    python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 --speed-trials "${SPEED_TRIALS:-3}" \
+        2>&1 | tee "$OUT/verify.log" | tail -n 60 || echo "verify exited non-zero (verdict FAIL or error): see $OUT/verify.log"
+    cp "$INT4"/verify-report.* "$OUT/" || { echo "no verify report: see $OUT/verify.log"; touch "$OUT/verify.done"; exit 1; }
+    python3 scripts/speed_crosscheck.py "$INT4/verify-report.json" --setups "${CROSSCHECK:-recommended}" \
+        --json "$OUT/crosscheck.json" --log-dir "$OUT" > "$OUT/crosscheck.txt" 2>&1 || true
+    { echo "== verify: fastest setup per batch size, and the serve command (verify-report.md) =="
+      sed -n '/^Fastest measured setup per batch size:/,/^## /p' "$OUT/verify-report.md" | grep -v '^## ' || true
+      echo; echo "== verify's decode figures vs the independent timing (scripts/speed_crosscheck.py) =="
+      sed -n '/^decode tok\/s: verify vs independent/,$p' "$OUT/crosscheck.txt"
+    } | tee "$OUT/summary.txt"
+    touch "$OUT/verify.done"
+    ;;
+  wait)
+    for _ in $(seq "$(( ${WAIT_S:-570} / 10 ))"); do [ -f "$OUT/verify.done" ] && break; sleep 10; done
+    if [ -f "$OUT/verify.done" ]; then cat "$OUT/summary.txt" 2>/dev/null || tail -n 30 "$OUT/verify.log"; else echo "still running:"; tail -n 5 "$OUT/verify.log" "$OUT/crosscheck.txt" 2>/dev/null; fi
     ;;
   *)
-    echo "usage: $0 build|verify" >&2
+    echo "usage: $0 build|verify|wait" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib import metadata
@@ -20,7 +21,7 @@ from typing import Any
 
 from quantkit.errors import DependencyError, InputError
 from quantkit.verify.capacity import fit_in_memory, kv_bytes_per_token
-from quantkit.verify.kernels import compare_kernels, recommend
+from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS, recommend, run_trials
 from quantkit.verify.parity import ParityThresholds, overall_verdict, prompt_parity
 from quantkit.verify.prompts import Prompt, load_prompts
 from quantkit.verify.report import EVAL_REPORT, VerifyReport, write_report
@@ -116,6 +117,20 @@ def _saved_evaluation(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def _floor_model(reference: Path, scratch: Path) -> Path | None:
+    """The tiny MiniCPM-V stand-in (random weights, same vocabulary and layer types) when the reference is a
+    MiniCPM-V: its decode step is vLLM's per-step cost around the weights. None for other architectures."""
+    try:
+        model_type = json.loads((reference / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    if model_type != "minicpmv":
+        return None
+    from quantkit.testing.standin import build_standin
+
+    return build_standin(scratch / "minicpmv26-tiny")
+
+
 def _run_line(run: VariantRun) -> str:
     if not run.ok:
         return f"vLLM: {run.label} failed after {run.wall_s:.0f} s: {run.error}"
@@ -135,7 +150,7 @@ def verify(
     *,
     engine: EngineSettings | None = None,
     max_rel_error: float = 0.2,
-    kernel_alternatives: int = 0,
+    speed_trials: int = DEFAULT_SPEED_TRIALS,
     progress: Callable[[str], None] | None = None,
     source: str | Path | None = None,
 ) -> VerifyReport:
@@ -143,19 +158,20 @@ def verify(
 
     `static_only` stops after the file checks (no vLLM). `prompts`: a jsonl suite replacing the shipped one.
     `gpu_memory_gb` adds the calculated max length / batch on a GPU of that size (GiB). `engine` tunes vLLM
-    (max_model_len, top-k, speed plan); its max_tokens is replaced by `max_tokens`. `kernel_alternatives` > 0
-    re-times the int4 release with vLLM's chosen kernel disabled, up to that many times, and recommends the
-    fastest (quantkit.verify.kernels). `progress` receives a line as each stage starts and ends. `source`: the
-    16-bit folder the release was made from, for the static checks' tensor-by-tensor comparison (reads every
-    shard of both: minutes for a 7B model); without it they check the release's files alone.
+    (max_model_len, top-k, speed plan); its max_tokens is replaced by `max_tokens`. `speed_trials`: engine starts
+    for the setup trial after the two parity runs (kernels, CUDA-graph mode, per-step floor:
+    quantkit.verify.kernels), which recommends the fastest setup per batch size; 0 runs none. `progress`
+    receives a line as each stage starts and ends. `source`: the 16-bit folder the release was made from, for
+    the static checks' tensor-by-tensor comparison (reads every shard of both: minutes for a 7B model); without
+    it they check the release's files alone.
     Raises InputError / DependencyError for unusable arguments or a missing vLLM; a release that fails, or a
     variant that cannot load, gives a report with passed=False and the reasons.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"release folder {folder} does not exist; pass the folder `quantkit quantize` wrote.")
-    if kernel_alternatives < 0:
-        raise InputError(f"kernel_alternatives={kernel_alternatives}: give 0 (vLLM's choice only) or more.")
+    if speed_trials < 0:
+        raise InputError(f"speed_trials={speed_trials}: give 0 (the parity runs' speed only) or more.")
     reference_dir = Path(reference) if reference is not None else None
     if reference_dir is not None and not (reference_dir / "config.json").is_file():
         raise InputError(f"--reference {reference_dir}: not a model folder (no config.json).")
@@ -195,11 +211,14 @@ def verify(
         say(f"vLLM: int4 release {folder} (teacher-forced on the reference's outputs, then speed)")
         runs["int4"] = run_variant("int4", folder, suite, engine, teacher=teacher, dtype=dtype)
         say(_run_line(runs["int4"]))
-    if kernel_alternatives and runs.get("int4") and runs["int4"].ok:
-        trials = compare_kernels(folder, runs["int4"], engine, dtype=dtype, max_alternatives=kernel_alternatives,
-                                 progress=say)
-        report.kernels = [trial.as_dict() for trial in trials]
-        report.kernel_recommendation = recommend(trials)
+    if engine.measure_speed and runs.get("int4") and runs["int4"].ok:
+        with tempfile.TemporaryDirectory(prefix="quantkit-floor-") as scratch:
+            trials = run_trials(folder, reference_dir, runs, engine, gpu=has_gpu(), dtype=dtype,
+                                max_runs=speed_trials, floor_model=lambda: _floor_model(reference_dir, Path(scratch)),
+                                progress=say)
+        report.speed_trials = [trial.as_dict() for trial in trials]
+        int4 = runs["int4"]
+        report.speed_recommendation = recommend(trials, int4.gpu_name or int4.device, int4.dtype, int4.max_model_len)
     report.variants = {label: run.summary() for label, run in runs.items()}
     report.environment = _environment(list(runs.values()), folder)
     failed = [(label, run) for label, run in runs.items() if not run.ok]

@@ -11,6 +11,7 @@ from typing import Any
 
 from quantkit.io.manifest import file_entries, read_manifest, write_manifest
 from quantkit.io.portable import portable
+from quantkit.verify.kernels import VARIANT_NAMES, serve_command
 
 REPORT_JSON = "verify-report.json"
 REPORT_MD = "verify-report.md"
@@ -35,9 +36,11 @@ class VerifyReport:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     """"reference" / "int4" -> engine facts (kernel, weights, KV tokens, speed, start time) or the load error."""
     memory_fit: dict[str, dict[str, Any]] | None = None
-    kernels: list[dict[str, Any]] = field(default_factory=list)
-    """int4 speed per vLLM linear kernel (quantkit.verify.kernels.KernelTrial), vLLM's default choice first."""
-    kernel_recommendation: dict[str, Any] | None = None
+    speed_trials: list[dict[str, Any]] = field(default_factory=list)
+    """Speed per variant and vLLM setup (quantkit.verify.kernels.SpeedTrial): the parity runs first, then the
+    trial's speed-only runs, skipped ones with the reason."""
+    speed_recommendation: dict[str, Any] | None = None
+    """quantkit.verify.kernels.recommend: the fastest setup per batch size, ratios and floors."""
     evaluation: dict[str, Any] | None = None
     """The folder's EVAL_REPORT (`quantkit eval --save`) when it has one: perplexity, KL, top-1 on real text."""
     files: dict[str, str] = field(default_factory=dict)
@@ -116,17 +119,87 @@ def speed_memory_rows(variants: dict[str, dict[str, Any]]) -> list[tuple[str, An
     return rows
 
 
-def kernel_recommendation_line(recommendation: dict[str, Any] | None) -> str | None:
-    """One sentence: the fastest measured kernel and the environment that selects it."""
+def _setup_cell(variant: dict[str, Any]) -> str:
+    """The setup's name, with the int4 kernel it gave (16-bit linears have none to name)."""
+    kernel = variant.get("kernel") or ""
+    return variant["setup"]["name"] + (f" ({kernel})" if kernel and not kernel.startswith("none") else "")
+
+
+def speed_trial_rows(trials: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """(header, rows) of the trial table: per variant and setup, decode tok/s and ms/step per batch size."""
+    batches = list(dict.fromkeys(row["batch"] for trial in trials for row in trial.get("speed") or []))
+    header = ("variant", "setup", "kernel", "engine start s",
+              *(f"decode tok/s (ms/step), batch {batch}" for batch in batches), "prefill tok/s, batch 1")
+    rows = []
+    for trial in trials:
+        by_batch = {row["batch"]: row for row in trial.get("speed") or []}
+        if not trial["ok"]:
+            status = ("skipped: " if trial.get("skipped") else "failed: ") + str(trial.get("error"))
+            rows.append((VARIANT_NAMES[trial["variant"]], trial["setup"]["name"], status, None,
+                         *(None for _ in batches), None))
+            continue
+        rows.append((VARIANT_NAMES[trial["variant"]], trial["setup"]["name"], trial.get("kernel"),
+                     trial.get("engine_start_s"),
+                     *(f"{by_batch[b]['decode_tok_s']:,.1f} ({by_batch[b]['ms_per_step']:.2f})" if b in by_batch
+                       else None for b in batches),
+                     by_batch[batches[0]]["prefill_tok_s"] if batches[0] in by_batch else None))
+    return header, rows
+
+
+RECOMMENDATION_HEADER = ("batch", "16-bit: fastest setup", "16-bit tok/s (ms/step)", "int4: fastest setup",
+                         "int4 tok/s (ms/step)", "int4 / 16-bit", "per-step floor ms (tiny stand-in)",
+                         "bandwidth floor ms, 16-bit / int4")
+
+
+def recommendation_rows(recommendation: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Per batch size: each variant's fastest setup and speed, their ratio, and the two floors beside them."""
+
+    def speed(variant: dict[str, Any] | None) -> str | None:
+        return f"{variant['decode_tok_s']:,.1f} ({variant['ms_per_step']:.2f})" if variant else None
+
+    def floor(variant: dict[str, Any] | None) -> str:
+        value = (variant or {}).get("bandwidth_floor_ms")
+        return "–" if value is None else f"{value:.2f}"
+
+    rows = []
+    for row in recommendation["rows"]:
+        ref, q = row.get("reference"), row["int4"]
+        ratio = row.get("int4_vs_16bit")
+        rows.append((row["batch"], _setup_cell(ref) if ref else None, speed(ref), _setup_cell(q), speed(q),
+                     f"{ratio:.2f}x" if ratio is not None else None,
+                     f"{row['floor_ms_per_step']:.2f}" if row.get("floor_ms_per_step") is not None else None,
+                     f"{floor(ref)} / {floor(q)}"))
+    return rows
+
+
+def serve_advice(recommendation: dict[str, Any] | None, model: str) -> list[str]:
+    """Markdown lines: the `vllm serve` command of the int4 setup fastest at the smallest batch, then any other
+    batch size whose fastest setup differs."""
     if not recommendation:
-        return None
-    if recommendation["is_default"]:
-        return (f"Recommended: vLLM's default, `{recommendation['kernel']}` (fastest batch-1 decode measured, "
-                f"{recommendation['decode_tok_s_batch1']:.1f} tok/s).")
-    env = " ".join(f"{key}={value}" for key, value in recommendation["env"].items())
-    return (f"Recommended: `{recommendation['kernel']}`: start vLLM with `{env}` "
-            f"({recommendation['speedup_vs_default']:.2f}x vLLM's default choice at batch-1 decode, "
-            f"{recommendation['decode_tok_s_batch1']:.1f} tok/s).")
+        return []
+    rows = recommendation["rows"]
+    first = rows[0]
+    gain = (f"{first['int4']['vs_default']:.2f}x vLLM's defaults" if first["int4"]["setup"]["name"] != "vLLM defaults"
+            else "vLLM's defaults are the fastest measured")
+    versus = f"{first['int4_vs_16bit']:.2f}x the 16-bit model, " if first.get("int4_vs_16bit") else ""
+    head = f"Fastest int4 setup at batch {first['batch']} ({first['int4']['decode_tok_s']:,.1f} tok/s, {versus}{gain}):"
+    lines = [head, "", "```bash", serve_command(model, recommendation), "```"]
+    for index, row in enumerate(rows[1:], start=1):
+        if row["int4"]["setup"] != first["int4"]["setup"]:
+            lines += ["", (f"At batch {row['batch']} the fastest was {row['int4']['setup']['name']} "
+                           f"({row['int4']['vs_default']:.2f}x vLLM's defaults): "
+                           f"`{serve_command(model, recommendation, batch_index=index)}`")]
+    return lines
+
+
+def floors_note(recommendation: dict[str, Any]) -> str:
+    """Where the two floors beside the ratios come from."""
+    rate = recommendation.get("hbm_bytes_per_s")
+    bandwidth = (f"the weights as loaded (vision tower included, which decode does not read) read once per step at "
+                 f"{rate / 1e12:.2f} TB/s (quantkit.verify.speed.HBM_BYTES_PER_S for {recommendation['device']})"
+                 if rate else f"none: no memory bandwidth is known for device {recommendation.get('device')}")
+    return ("Per-step floor: one decode step of the tiny stand-in (random weights, same vocabulary and layer types) "
+            f"in the same run. Bandwidth floor: {bandwidth}.")
 
 
 def _code(text: str) -> str:
@@ -192,19 +265,18 @@ def render_markdown(report: VerifyReport) -> str:
                           ("mean KL(16-bit || int4), nats/token", "kl_mean"), ("top-1 agreement", "top1_agreement")):
             lines.append(f"| {what} | {_fmt(ev.get(key), 4)} |")
 
-    if report.kernels:
-        lines += ["", "## int4 linear kernels (vLLM)", "",
-                  ("| kernel | disabled | engine start s | prefill tok/s, batch 1 | decode tok/s, batch 1 | "
-                   "decode tok/s, larger batch |"), "|---|---|---|---|---|---|"]
-        for trial in report.kernels:
-            speed = trial.get("speed") or []
-            larger = f"{_fmt(speed[1]['decode_tok_s'])} (batch {speed[1]['batch']})" if len(speed) > 1 else "–"
-            lines.append(f"| {trial['kernel'] or 'failed: ' + str(trial.get('error'))} | "
-                         f"{', '.join(trial['disabled']) or 'none (vLLM default)'} | {_fmt(trial['engine_start_s'])} | "
-                         f"{_fmt(speed[0]['prefill_tok_s']) if speed else '–'} | "
-                         f"{_fmt(speed[0]['decode_tok_s']) if speed else '–'} | {larger} |")
-        advice = kernel_recommendation_line(report.kernel_recommendation)
-        lines += ["", advice] if advice else []
+    if report.speed_trials:
+        header, rows = speed_trial_rows(report.speed_trials)
+        lines += ["", "## Serving setups (vLLM; each figure the median of repeated runs, quantkit.verify.speed)", "",
+                  "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(_fmt(value) for value in row) + " |" for row in rows]
+        if report.speed_recommendation:
+            lines += ["", "Fastest measured setup per batch size:", "",
+                      "| " + " | ".join(RECOMMENDATION_HEADER) + " |", "|---" * len(RECOMMENDATION_HEADER) + "|"]
+            lines += ["| " + " | ".join(_fmt(value) for value in row) + " |"
+                      for row in recommendation_rows(report.speed_recommendation)]
+            lines += ["", floors_note(report.speed_recommendation), "",
+                      *serve_advice(report.speed_recommendation, report.folder)]
 
     if report.memory_fit:
         lines += ["", "## What fits on the GPU (calculated)", "",

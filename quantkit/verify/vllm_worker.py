@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.verify.prompts import IMAGE_PLACEHOLDER
+from quantkit.verify.speed import speed_row
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -69,9 +70,11 @@ def _load_images(paths: list[str]) -> list[Any]:
 
 
 def _engine(request: dict[str, Any]) -> Any:
-    """vLLM detects AWQ from quantization_config itself: passing quantization= would force a slower kernel."""
+    """vLLM detects AWQ from quantization_config itself: passing quantization= would force a slower kernel.
+    `compilation_config` (e.g. a CUDA-graph mode) is passed only when the request sets one: None keeps vLLM's."""
     from vllm import LLM
 
+    options = {"compilation_config": request["compilation_config"]} if request.get("compilation_config") else {}
     return LLM(
         model=request["model"],
         trust_remote_code=True,
@@ -82,6 +85,7 @@ def _engine(request: dict[str, Any]) -> Any:
         max_logprobs=request["top_k"],
         gpu_memory_utilization=request["gpu_memory_utilization"],
         enforce_eager=request["enforce_eager"],
+        **options,
     )
 
 
@@ -136,41 +140,37 @@ def _parity_runs(llm: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _speed(llm: Any, plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """Prefill and decode throughput on synthetic token prompts, per batch size.
+    """Prefill and decode throughput on random token prompts, per batch size (method: quantkit.verify.speed).
 
-    Prefill tok/s = batch x prompt_len / time of a 1-token generation; decode tok/s = batch x (decode_tokens-1)
-    / (time of a decode_tokens generation - that prefill time). Wall clock over the whole batch, so it is what a
-    user of the engine sees, scheduling included.
+    Wall clock of `LLM.generate` over the whole batch, so it is what a user of the engine sees, scheduling
+    included. `ignore_eos` alone fixes the length: min_tokens would add a logits processor to every step.
     """
     from vllm import SamplingParams
 
     rng = random.Random(0)
-    prompt_len, decode_tokens = plan["prompt_len"], plan["decode_tokens"]
+    prompt_len, decode_tokens, repeats = plan["prompt_len"], plan["decode_tokens"], plan["repeats"]
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    many = SamplingParams(temperature=0.0, max_tokens=decode_tokens, min_tokens=decode_tokens, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=decode_tokens + 1, ignore_eos=True)
 
     def fresh(batch: int) -> list[dict[str, list[int]]]:
         """Random prompts never seen before, so no prefix-cache hit shortens a timed prefill."""
         return [{"prompt_token_ids": [rng.randrange(1000, 30000) for _ in range(prompt_len)]}
                 for _ in range(batch)]
 
+    def timed(batch: int, params: Any) -> float:
+        started = time.perf_counter()
+        llm.generate(fresh(batch), params, use_tqdm=False)
+        return time.perf_counter() - started
+
     rows = []
     for batch in plan["batches"]:
-        llm.generate(fresh(batch), one, use_tqdm=False)  # warm up this batch shape before timing
-        started = time.perf_counter()
-        llm.generate(fresh(batch), one, use_tqdm=False)
-        prefill_s = time.perf_counter() - started
-        started = time.perf_counter()
-        llm.generate(fresh(batch), many, use_tqdm=False)
-        total_s = time.perf_counter() - started
-        decode_s = max(total_s - prefill_s, 1e-9)
-        rows.append({
-            "batch": batch,
-            "prompt_len": prompt_len,
-            "decode_tokens": decode_tokens,
-            "prefill_tok_s": batch * prompt_len / prefill_s,
-            "decode_tok_s": batch * (decode_tokens - 1) / decode_s,
-        })
+        timed(batch, one)  # warm-up of exactly the timed shapes; the long run's time is kept for the report
+        warmup_s = timed(batch, many)
+        prefill_s, total_s = [], []
+        for _ in range(repeats):
+            prefill_s.append(timed(batch, one))
+            total_s.append(timed(batch, many))
+        rows.append(speed_row(batch, prompt_len, decode_tokens, prefill_s, total_s, warmup_s))
     return rows
 
 

@@ -61,7 +61,7 @@ def test_real_recipe_loads_pinned_and_a_placeholder_in_it_is_refused_with_the_li
     assert loaded.recipe.release and loaded.recipe.source.revision == "3f7a8da1b7a8b928b5ee229fae33cf43fd64cf31"
     assert loaded.recipe.calibration.revision == "2f5e46ae6a69cf0dce4b12f78241c408936ca0e4"
     assert loaded.calibration().kind == "dataset" and loaded.recipe.upload is not None
-    assert loaded.recipe.verify.kernel_alternatives == 1 and loaded.warnings == []
+    assert loaded.recipe.verify.speed_trials == 3 and loaded.warnings == []
     unfilled = write(tmp_path, path.read_text().replace("2f5e46ae6a69cf0dce4b12f78241c408936ca0e4",
                                                         "<commit sha of mit-han-lab/pile-val-backup>"))
     assert (f"{unfilled}:{line_of(unfilled, 'revision: <')}: calibration.revision: is still the placeholder"

@@ -147,5 +147,5 @@ def test_verify_refuses_a_missing_release_and_a_negative_kernel_count_before_nee
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # vLLM absent: checked after these
     with pytest.raises(InputError, match=r"release folder .*nowhere does not exist"):
         pipeline.verify(tmp_path / "nowhere", reference=tmp_path)
-    with pytest.raises(InputError, match="kernel_alternatives=-1"):
-        pipeline.verify(tmp_path, reference=tmp_path, kernel_alternatives=-1)
+    with pytest.raises(InputError, match="speed_trials=-1"):
+        pipeline.verify(tmp_path, reference=tmp_path, speed_trials=-1)
