@@ -150,7 +150,7 @@ def test_setup_trial_on_the_cpu_skips_the_cuda_only_runs_and_measures_the_floor(
         in markdown
     assert "Bandwidth floor: none: no memory bandwidth is known for device cpu" in markdown
     assert "skipped: CUDA only (not run on this device)" in markdown
-    assert "tok/s, vLLM's defaults are the fastest measured):" in markdown
+    assert "x the 16-bit model, vLLM's defaults are the fastest measured):" in markdown
 
 
 def test_independent_timing_prints_both_figures_for_the_recommended_setups(verified: Verified, tmp_path: Path) -> None:
