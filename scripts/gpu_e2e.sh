@@ -61,7 +61,7 @@ PY
     python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 --speed-trials "${SPEED_TRIALS:-3}" \
         2>&1 | tee "$OUT/verify.log" | tail -n 60 || echo "verify exited non-zero (verdict FAIL or error): see $OUT/verify.log"
     cp "$INT4"/verify-report.* "$OUT/" || { echo "no verify report: see $OUT/verify.log"; touch "$OUT/verify.done"; exit 1; }
-    python3 scripts/speed_crosscheck.py "$INT4/verify-report.json" --setups "${CROSSCHECK:-recommended}" \
+    python3 scripts/speed_crosscheck.py "$INT4/verify-report.json" --reference "$FP16" --setups "${CROSSCHECK:-recommended}" \
         --json "$OUT/crosscheck.json" --log-dir "$OUT" > "$OUT/crosscheck.txt" 2>&1 || true
     { echo "== verify: fastest setup per batch size, and the serve command (verify-report.md) =="
       sed -n '/^Fastest measured setup per batch size:/,/^## /p' "$OUT/verify-report.md" | grep -v '^## ' || true

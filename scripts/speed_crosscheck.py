@@ -70,9 +70,19 @@ def time_setup(spec: dict) -> dict:
     return figures
 
 
-def setups_to_time(report: dict, which: str) -> list[dict]:
+def model_folders(report_path: Path, report: dict, int4: Path | None, reference: Path | None) -> dict[str, str]:
+    """The two folders to time. A report names them by name only (it is published, so it holds no local path):
+    the int4 folder is the one holding the report, the reference is looked for beside it unless given."""
+    int4 = int4 or report_path.resolve().parent
+    reference = reference or int4.parent / Path(report["reference"]).name
+    for folder in (int4, reference):
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"{folder} is not a model folder: pass --int4 / --reference")
+    return {"reference": str(reference), "int4": str(int4)}
+
+
+def setups_to_time(report: dict, which: str, models: dict[str, str]) -> list[dict]:
     """(variant, setup) pairs from the report: the batch-1 recommendation, or every measured trial."""
-    models = {"reference": report["reference"], "int4": report["folder"]}
     if which == "recommended":
         first = report["speed_recommendation"]["rows"][0]
         chosen = [(variant, first[variant]["setup"]) for variant in ("reference", "int4") if variant in first]
@@ -145,6 +155,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the measured and verify's figures here")
     parser.add_argument("--log-dir", type=Path, default=Path("."))
+    parser.add_argument("--int4", type=Path, help="the int4 folder (default: the one holding the report)")
+    parser.add_argument("--reference", type=Path, help="the 16-bit folder (default: its name, beside the int4 one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -152,9 +164,10 @@ def main() -> None:
         return
 
     report = json.loads(Path(args.report).read_text())
+    models = model_folders(Path(args.report), report, args.int4, args.reference)
     settings = report["settings"]
     results = []
-    for index, item in enumerate(setups_to_time(report, args.setups)):
+    for index, item in enumerate(setups_to_time(report, args.setups, models)):
         spec = {**item, "dtype": report["variants"][item["variant"]]["dtype"],
                 "max_model_len": settings["max_model_len"], "max_logprobs": settings["top_k"],
                 "compilation_config": item["setup"]["compilation_config"], "batches": args.batches,

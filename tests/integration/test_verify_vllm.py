@@ -153,11 +153,12 @@ def test_setup_trial_on_the_cpu_skips_the_cuda_only_runs_and_measures_the_floor(
     assert "x the 16-bit model, vLLM's defaults are the fastest measured):" in markdown
 
 
-def test_independent_timing_prints_both_figures_for_the_recommended_setups(verified: Verified, tmp_path: Path) -> None:
+def test_independent_timing_prints_both_figures_for_the_recommended_setups(verified: Verified, published_dir: Path,
+                                                                          tmp_path: Path) -> None:
     """scripts/speed_crosscheck.py times the report's recommended setups in its own engines (a shorter plan on
     the CPU) and prints verify's figure beside its own; agreement is judged on the GPU, not in a CPU test."""
     proc = subprocess.run([sys.executable, "scripts/speed_crosscheck.py", str(verified.folder / REPORT_JSON),
-                           "--prompt-len", "128", "--decode-tokens", "64", "--repeats", "1", "--json",
+                           "--reference", str(published_dir), "--prompt-len", "128", "--decode-tokens", "64", "--repeats", "1", "--json",
                            str(tmp_path / "x.json"), "--log-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
