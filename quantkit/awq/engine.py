@@ -22,11 +22,9 @@ from quantkit.awq.quant import pack_gemm, quantize
 from quantkit.awq.search import (
     apply_clip,
     channel_mean_abs,
-    group_grams,
     search_clip,
     search_scales_block,
     search_scales_linear,
-    strided_tokens,
 )
 from quantkit.awq.settings import QuantSettings
 
@@ -218,10 +216,7 @@ def quantize_layer(
         for name, lin in linears.items():
             if name in spec.no_clip:
                 continue
-            batches = features[name]
-            if settings.clip_tokens is not None:
-                batches = [strided_tokens(batches, settings.clip_tokens)]
-            max_val, loss = search_clip(lin.weight, group_grams(batches, settings.group_size), settings)
+            max_val, loss = search_clip(lin.weight, features[name], settings)
             lin.weight.data = apply_clip(lin.weight, max_val, settings.group_size)
             clips[name] = max_val.cpu()
             report.clip_losses[name] = loss

@@ -190,10 +190,15 @@ def group_grams(batches: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     return total / count
 
 
-def search_clip(weight: torch.Tensor, grams: torch.Tensor, settings: QuantSettings) -> tuple[torch.Tensor, float]:
+def search_clip(
+    weight: torch.Tensor, batches: Sequence[torch.Tensor], settings: QuantSettings
+) -> tuple[torch.Tensor, float]:
     """Per (output row, group) clip bound max|w| * (1 - k / grid), k < grid * max_shrink, minimising the
-    group's partial-output error under the per-group Gram matrices `grams` [groups, gs, gs] (group_grams).
-    Returns the bound [out, groups] and the mean error."""
+    group's partial-output error on the input micro-batches (every token, or `settings.clip_tokens` strided
+    ones). Returns the bound [out, groups] and the mean error."""
+    if settings.clip_tokens is not None:
+        batches = [strided_tokens(batches, settings.clip_tokens)]
+    grams = group_grams(batches, settings.group_size)
     out_features, in_features = weight.shape
     gs = settings.group_size
     groups = in_features // gs
