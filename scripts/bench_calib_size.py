@@ -104,7 +104,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
     source = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     model = load_fp32(source, device)
