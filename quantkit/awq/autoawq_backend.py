@@ -299,10 +299,13 @@ def check_device(device: torch.device) -> None:
 
 
 def check_settings(settings: QuantSettings) -> None:
-    """AutoAWQ's search grids are fixed (they equal QuantSettings' defaults): refuse other values."""
+    """AutoAWQ's search grids are fixed (they equal QuantSettings' defaults): refuse other values. Its clip
+    search always scores 512 strided tokens, whatever `clip_tokens` (None, the native default, or 512) says."""
     defaults = QuantSettings()
-    searched = ("scale_grid", "clip_grid", "clip_max_shrink", "clip_tokens")
+    searched = ("scale_grid", "clip_grid", "clip_max_shrink")
     changed = [name for name in searched if getattr(settings, name) != getattr(defaults, name)]
+    if settings.clip_tokens not in (None, 512):
+        changed.append("clip_tokens")
     if changed:
         raise InputError(f"--backend autoawq runs AutoAWQ's fixed search grids; {', '.join(changed)} cannot "
                          "change (use the native backend).")

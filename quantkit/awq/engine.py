@@ -25,7 +25,6 @@ from quantkit.awq.search import (
     search_clip,
     search_scales_block,
     search_scales_linear,
-    strided_tokens,
 )
 from quantkit.awq.settings import QuantSettings
 
@@ -217,8 +216,7 @@ def quantize_layer(
         for name, lin in linears.items():
             if name in spec.no_clip:
                 continue
-            tokens = strided_tokens(features[name], settings.clip_tokens)
-            max_val, loss = search_clip(lin.weight, tokens, settings)
+            max_val, loss = search_clip(lin.weight, features[name], settings)
             lin.weight.data = apply_clip(lin.weight, max_val, settings.group_size)
             clips[name] = max_val.cpu()
             report.clip_losses[name] = loss

@@ -176,14 +176,32 @@ def strided_tokens(batches: Sequence[torch.Tensor], max_tokens: int) -> torch.Te
     return torch.cat(picked, dim=0)
 
 
-def search_clip(weight: torch.Tensor, tokens: torch.Tensor, settings: QuantSettings) -> tuple[torch.Tensor, float]:
+def group_grams(batches: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over every token of x_g^T x_g per input-channel group g, float32 [groups, gs, gs]: the block diagonal
+    of X^T X / n, which is all the clip search's loss needs (n * in * gs FLOPs, no token subsample)."""
+    total = None
+    count = 0
+    for x in batches:
+        flat = x.reshape(-1, x.shape[-1])
+        g = flat.reshape(flat.shape[0], -1, group_size).transpose(0, 1).float()  # [groups, n, gs]
+        part = g.transpose(1, 2) @ g
+        total = part if total is None else total + part
+        count += flat.shape[0]
+    return total / count
+
+
+def search_clip(
+    weight: torch.Tensor, batches: Sequence[torch.Tensor], settings: QuantSettings
+) -> tuple[torch.Tensor, float]:
     """Per (output row, group) clip bound max|w| * (1 - k / grid), k < grid * max_shrink, minimising the
-    group's partial-output error on `tokens` [n, in]. Returns the bound [out, groups] and the mean error."""
+    group's partial-output error on the input micro-batches (every token, or `settings.clip_tokens` strided
+    ones). Returns the bound [out, groups] and the mean error."""
+    if settings.clip_tokens is not None:
+        batches = [strided_tokens(batches, settings.clip_tokens)]
+    grams = group_grams(batches, settings.group_size)
     out_features, in_features = weight.shape
     gs = settings.group_size
     groups = in_features // gs
-    x = tokens.float().reshape(-1, groups, gs).permute(1, 0, 2)  # [groups, n, gs]
-    gram_per_group = x.transpose(1, 2) @ x / x.shape[1]  # [groups, gs, gs]
     w = weight.float().reshape(out_features, groups, gs).transpose(0, 1).contiguous()  # [groups, out, gs]
     org_max = w.abs().amax(dim=-1)  # [groups, out]
     best_err = torch.full_like(org_max, float("inf"))
@@ -192,7 +210,7 @@ def search_clip(weight: torch.Tensor, tokens: torch.Tensor, settings: QuantSetti
         max_val = org_max * (1 - step / settings.clip_grid)
         bound = max_val.unsqueeze(-1)
         delta = fake_quantize_groups_(torch.clamp(w, -bound, bound), settings.bits).sub_(w)
-        err = (torch.bmm(delta, gram_per_group) * delta).sum(dim=-1)  # [groups, out]
+        err = (torch.bmm(delta, grams) * delta).sum(dim=-1)  # [groups, out]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)

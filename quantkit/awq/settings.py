@@ -22,8 +22,9 @@ class QuantSettings:
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
-    clip_tokens: int = 512
-    """Tokens (evenly strided) the clip search looks at, as AutoAWQ."""
+    clip_tokens: int | None = None
+    """None: the clip search scores on every calibration token. An int: on that many evenly strided tokens,
+    as AutoAWQ (512), whose stride grows with the data and oversamples each block's first token (issue 20)."""
     inputs_from_quantized: bool = True
     """Feed layer i+1 with the outputs of the *quantized* layer i (AutoAWQ feeds the 16-bit outputs)."""
     max_batch_tokens: int = 16384

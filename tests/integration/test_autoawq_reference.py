@@ -44,7 +44,8 @@ from quantkit.io.model_loading import load_model
 from quantkit.quantize import calibration_forwards
 
 N_BLOCKS, SEQ_LEN = 4, 64
-SETTINGS = QuantSettings(inputs_from_quantized=False)
+# AutoAWQ feeds 16-bit inputs and scores clips on 512 strided tokens (here: all 256 calibration tokens either way)
+SETTINGS = QuantSettings(inputs_from_quantized=False, clip_tokens=512)
 # Where the two searches pick differently, the native pick's loss may exceed AutoAWQ's pick's by at most this.
 LOSS_SLACK = 1.01
 # Integer weights of linears whose choices agree: AutoAWQ rounds w / s in fp16 (its `_apply_quant` casts to

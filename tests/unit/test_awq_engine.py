@@ -10,6 +10,7 @@ from quantkit.awq.quant import fake_quantize
 from quantkit.awq.search import (
     candidate_scales,
     channel_mean_abs,
+    group_grams,
     scaled_fake_quant,
     search_clip,
     search_scales_linear,
@@ -52,12 +53,23 @@ def test_clip_search_never_worse_than_no_clip():
     x = outlier_inputs(512, 256, seed=3)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
     w[0, 5] = 12.0  # one outlier weight: clipping it should help its group
-    max_val, _ = search_clip(w, x, settings)
+    max_val, _ = search_clip(w, [x], settings)
     assert max_val[0, 0] < w[0, :128].abs().max()
     clipped = torch.maximum(torch.minimum(w.reshape(64, 2, 128), max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
     err_clip = output_error(x, w, fake_quantize(clipped.reshape(64, 256), 4, 128))
     err_plain = output_error(x, w, fake_quantize(w, 4, 128))
     assert err_clip < err_plain
+
+
+def test_group_grams_are_the_block_diagonal_of_the_gram_over_all_micro_batches():
+    x = outlier_inputs(24, 256, seed=6)
+    batches = [x[:10].reshape(2, 5, 256), x[10:]]  # [B, L, in] and [n, in] micro-batches
+    grams = group_grams(batches, 64)
+    full = (x.double().t() @ x.double()) / 24
+    assert grams.shape == (4, 64, 64)
+    for g in range(4):
+        block = full[g * 64 : (g + 1) * 64, g * 64 : (g + 1) * 64]
+        assert torch.allclose(grams[g].double(), block, rtol=1e-5, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
