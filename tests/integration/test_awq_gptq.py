@@ -18,10 +18,12 @@ from quantkit.calib import CalibSample, build_calibration_set, load_calibration,
 from quantkit.io.model_loading import load_model
 from quantkit.quantize import calibration_forwards
 
-N_BLOCKS, SEQ_LEN, HELD_OUT_BLOCKS = 4, 64, 16
-# Held-out logits, relative MSE vs the 16-bit model, awq-gptq / awq (docs/algorithm.md): measured 0.00 on the
-# stand-in and 0.00 on the Qwen2.
-MAX_RATIO = {"standin": 0.0, "qwen2": 0.0}
+N_BLOCKS, SEQ_LEN, HELD_OUT_BLOCKS = 16, 64, 16
+# Held-out logits, relative MSE vs the 16-bit model, awq-gptq / awq (docs/algorithm.md): measured 0.737 on the
+# stand-in's random weights (3.365e-2 -> 2.479e-2) and 0.197 on the Qwen2 (2.787e-2 -> 5.48e-3). 16 blocks:
+# with 4 x 64 = 256 tokens (fewer than the MLP's 512 input channels) the Gram matrix is rank-deficient and
+# GPTQ fits the calibration tokens (stand-in: 4.31e-2 vs awq's 3.69e-2).
+MAX_RATIO = {"standin": 0.85, "qwen2": 0.4}
 
 
 def _held_out_errors(folder: Path) -> dict[str, float]:
@@ -61,6 +63,7 @@ def _held_out_errors(folder: Path) -> dict[str, float]:
     return errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_kind", ["standin", "qwen2"])
 def test_awq_gptq_lowers_the_held_out_error_of_awq(model_kind: str, standin_dir: Path, qwen2_dir: Path):
     errors = _held_out_errors(standin_dir if model_kind == "standin" else qwen2_dir)
