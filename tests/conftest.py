@@ -239,6 +239,18 @@ def smollm2_awq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def smollm2_awq_gptq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 by the native engine with method awq-gptq (same searches and calibration as smollm2_awq_dir, then
+    GPTQ rounding), once per session (minutes on 2 cores). Shared: treat as read-only."""
+    from quantkit.api import QuantSettings, quantize
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-gptq-g64"
+    quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE, method="awq-gptq"),
+             device="cpu", **SMOLLM2_CALIB)
+    return out
+
+
+@pytest.fixture(scope="session")
 def vllm_importable() -> None:
     """Skip (with vLLM's own import error as the reason) when `import vllm` fails in a fresh interpreter."""
     probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, timeout=300,
