@@ -70,3 +70,19 @@ def test_awq_gptq_lowers_the_held_out_error_of_awq(model_kind: str, standin_dir:
     print(f"{model_kind}: held-out logits rel. MSE awq {errors['awq']:.4e}, awq-gptq {errors['awq-gptq']:.4e} "
           f"({errors['awq-gptq'] / errors['awq']:.3f})")
     assert errors["awq-gptq"] <= MAX_RATIO[model_kind] * errors["awq"]
+
+
+def test_awq_gptq_release_passes_the_static_checks_unchanged(standin_dir: Path, tmp_path: Path):
+    """Same release format: the static checks (layout, values, dequantization error against the source) pass, and
+    the method is on record in the manifest and the card."""
+    from quantkit.api import quantize, verify_static
+    from quantkit.card import render_card
+    from quantkit.io.manifest import read_manifest
+
+    out = tmp_path / "gptq"
+    quantize(standin_dir, out, calib="builtin:pydoc", n_samples=16, seq_len=64, device="cpu",
+             settings=QuantSettings(method="awq-gptq"))
+    report = verify_static(out, source=standin_dir)
+    assert report.ok, [check for check in report.checks if not check.ok]
+    assert read_manifest(out)["quantization"]["settings"]["method"] == "awq-gptq"
+    assert "| method | awq-gptq |" in render_card(out)
