@@ -168,7 +168,9 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
     settings = quantization.get("settings") or {}
     qconfig = quantization.get("quantization_config") or {}
     lines += ["", "## Quantization", ""]
-    rows: list[tuple[Any, ...]] = [("method", ("AWQ (activation-aware weight quantization), "
+    rounding = (", then GPTQ error-compensated rounding on the same groups" if settings.get("method") == "awq-gptq"
+                else "")
+    rows: list[tuple[Any, ...]] = [("method", (f"AWQ (activation-aware weight quantization){rounding}, "
                                     f"{quantization.get('backend', 'native')} engine"))]
     rows += [(key, settings[key]) for key in settings]
     rows += [("kept 16-bit", ", ".join(qconfig.get("modules_to_not_convert") or []) or "–"),

@@ -128,6 +128,9 @@ def quantize_command(
     seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
     group_size: Annotated[int, typer.Option(help="Weights per quantization group (input channels).")] = 128,
     no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip the clip search (faster, less accurate).")] = False,
+    method: Annotated[str, typer.Option(
+        help="awq (AWQ searches, then round to nearest, as AutoAWQ) or awq-gptq (the same searches, then "
+        "error-compensated GPTQ rounding on the same groups; same release format).")] = "awq",
     device: Annotated[str, typer.Option(help="auto (GPU when visible), cuda, cuda:N or cpu.")] = "auto",
     backend: Annotated[str, typer.Option(
         help="native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the "
@@ -140,7 +143,7 @@ def quantize_command(
 
     Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --calib data/calib.jsonl
     """
-    settings = api.QuantSettings(group_size=group_size, clip=not no_clip)
+    settings = api.QuantSettings(group_size=group_size, clip=not no_clip, method=method)
     with _layer_progress() as layer_done:
         result = api.quantize(source, out, calib=calib, calib_revision=calib_revision, calib_split=calib_split,
                               text_field=text_field, n_samples=n_samples, seq_len=seq_len, seed=seed,

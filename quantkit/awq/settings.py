@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 from quantkit.errors import InputError
+
+Method = Literal["awq", "awq-gptq"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclass(frozen=True)
 class QuantSettings:
     """AWQ int4 settings (defaults = AutoAWQ's: w4, group 128, zero point, GEMM, 20-point grids)."""
 
+    method: Method = "awq"
+    """awq: round to nearest after the searches (AutoAWQ). awq-gptq: the same searches, then error-compensated
+    rounding on the same group grid (quantkit/awq/gptq.py); same release format."""
+    gptq_damp: float = 0.01
+    """awq-gptq: dampening added to the Gram matrix's diagonal, as a fraction of its mean diagonal."""
+    gptq_block_size: int = 128
+    """awq-gptq: columns per lazy batch update (a multiple of group_size)."""
     bits: int = 4
     group_size: int = 128
     zero_point: bool = True
@@ -39,6 +50,14 @@ class QuantSettings:
             raise InputError("zero_point=false: the AutoAWQ GEMM layout needs zero points; set zero_point: true.")
         if self.version != "gemm":
             raise InputError(f"version={self.version!r}: only the 'gemm' layout is written (vLLM serves it).")
+        if self.method not in METHODS:
+            raise InputError(f"method={self.method!r}: use one of {', '.join(METHODS)}.")
+        if self.method == "awq-gptq":
+            if not self.gptq_damp > 0:
+                raise InputError(f"gptq_damp={self.gptq_damp}: must be > 0 (0.01 = 1% of the mean diagonal).")
+            if self.gptq_block_size <= 0 or self.gptq_block_size % self.group_size:
+                raise InputError(f"gptq_block_size={self.gptq_block_size}: use a positive multiple of "
+                                 f"group_size={self.group_size}.")
         if not 0 < self.clip_max_shrink < 1:
             raise InputError(f"clip_max_shrink={self.clip_max_shrink}: must lie in (0, 1).")
 

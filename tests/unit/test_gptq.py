@@ -1,0 +1,93 @@
+"""GPTQ rounding on a fixed AWQ group grid, against the textbook update (the engine: test_awq_engine.py)."""
+
+import pytest
+import torch
+
+from quantkit.awq.gptq import gptq_round, gptq_round_shared, inverse_hessian_factor
+from quantkit.awq.quant import quantize
+from quantkit.awq.settings import QuantSettings
+from quantkit.errors import InputError
+
+
+def correlated_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.eye(features) + 0.1 * torch.randn(features, features, generator=gen)  # correlated channels
+    x = torch.randn(tokens, features, generator=gen) @ mix
+    x[:, :: features // 8] *= 10.0
+    return x
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return (x @ (w_hat - w).t()).pow(2).mean().item()
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, damp: float):
+    """The textbook update, one column at a time in float64 with the full inverse Hessian (no Cholesky, no
+    blocks): round column j, move its error onto the later columns, drop j from the inverse."""
+    w = w.double().clone()
+    h = h.double() + damp * torch.diagonal(h).mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    gs = w.shape[1] // scales.shape[1]
+    q = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        s, z = scales[:, j // gs].double(), zeros[:, j // gs].double()
+        q[:, j] = (torch.round(w[:, j] / s) + z).clamp(0, 15)
+        err = (w[:, j] - (q[:, j] - z) * s) / hinv[j, j]
+        w[:, j + 1 :] -= torch.outer(err, hinv[j, j + 1 :])
+        hinv -= torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return q.long()
+
+
+def test_gptq_matches_the_textbook_update_and_beats_round_to_nearest():
+    x = correlated_inputs(2048, 256, seed=0)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    h = x.t() @ x
+    grid = quantize(w, 4, 64)
+    result = gptq_round(w, h, grid, damp=0.01, block_size=128)
+    assert torch.equal(result.scales, grid.scales) and torch.equal(result.zeros, grid.zeros)
+    expected = reference_gptq(w, h, grid.scales, grid.zeros, damp=0.01)
+    # float32 Cholesky vs float64 inverse: a handful of weights sit on a .5 boundary
+    assert (result.q != expected).float().mean() < 0.002
+    assert (result.q - expected).abs().max() <= 1
+    assert output_error(x, w, result.dequantize()) < 0.6 * output_error(x, w, grid.dequantize())
+
+
+def test_block_size_only_changes_how_updates_are_batched():
+    x = correlated_inputs(1024, 256, seed=2)
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
+    grid = quantize(w, 4, 32)
+    per_group = gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=32)
+    whole = gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=256)
+    assert (per_group.q != whole.q).float().mean() < 0.002
+    with pytest.raises(ValueError, match="not a multiple of the group size"):
+        gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=48)
+
+
+def test_linears_sharing_an_input_round_as_one_stacked_weight():
+    x = correlated_inputs(1024, 128, seed=4)
+    a, b = torch.randn(16, 128), torch.randn(48, 128)
+    grids = [quantize(a, 4, 64), quantize(b, 4, 64)]
+    shared = gptq_round_shared([a, b], x.t() @ x, grids, damp=0.01, block_size=128)
+    assert [torch.equal(s.q, gptq_round(w, x.t() @ x, g, 0.01, 128).q) for s, w, g in zip(shared, [a, b], grids)] \
+        == [True, True]
+
+
+def test_dead_input_columns_keep_the_factor_finite():
+    x = correlated_inputs(512, 64, seed=5)
+    x[:, 3] = 0  # a channel no token uses
+    u = inverse_hessian_factor(x.t() @ x, damp=0.01)
+    assert torch.isfinite(u).all() and torch.equal(u, torch.triu(u))
+    w = torch.randn(8, 64)
+    grid = quantize(w, 4, 64)
+    result = gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=64)
+    assert output_error(x, w, result.dequantize()) < output_error(x, w, grid.dequantize())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"method": "gptq"}, "method='gptq'"), ({"method": "awq-gptq", "gptq_damp": 0}, "gptq_damp=0"),
+     ({"method": "awq-gptq", "gptq_block_size": 96, "group_size": 64}, "gptq_block_size=96")],
+)
+def test_settings_refuse_bad_gptq_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        QuantSettings(**kwargs)
