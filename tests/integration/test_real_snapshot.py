@@ -44,10 +44,15 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def published(published_dir: Path):
-    """(model, processor) from the published code on the published-code stand-in, float32."""
+    """(model, processor) from the published code on the published-code stand-in, float32.
+
+    The published image_processing_minicpmv.py registers its class with AutoImageProcessor when imported; that
+    global registration is undone afterwards, or later loads of the stand-in's own processor would get it."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
+    registered = dict(IMAGE_PROCESSOR_MAPPING._extra_content)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(builtins, "List", list, raising=False)  # typing.List, as the 2024 code expected
         patch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
@@ -59,7 +64,9 @@ def published(published_dir: Path):
         assert not unexpected and all(name.endswith("pos_embed") for name in missing)
         processor = AutoProcessor.from_pretrained(published_dir, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), "not the published class"
-    return model.float().eval(), processor
+    yield model.float().eval(), processor
+    IMAGE_PROCESSOR_MAPPING._extra_content.clear()
+    IMAGE_PROCESSOR_MAPPING._extra_content.update(registered)
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def test_native_awq_closes_most_of_the_gap_and_matches_autoawq(awq_eval: EvalRep
     assert awq.perplexity <= AUTOAWQ_PPL * 1.02
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 def test_awq_gptq_closes_more_of_the_gap_than_awq(smollm2_awq_gptq_dir: Path, awq_eval: EvalReport,
                                                     rtn_vs_fp32: EvalReport):
     """Same calibration and evaluation as awq; the release format is unchanged (static verify passes)."""
