@@ -8,11 +8,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from quantkit.archs.minicpmv26.processing import IMAGE_PLACEHOLDER
 from quantkit.errors import InputError
 
 DEFAULT_SUITE = Path(__file__).parent / "suite" / "prompts.jsonl"
-IMAGE_PLACEHOLDER = "(<image>./</image>)"
-"""MiniCPM-V's placeholder for one image (or one video frame) in a user turn."""
 
 KINDS = {
     "text": (0, 0),
