@@ -25,6 +25,7 @@ import torch
 from quantkit.archs import LLAMA
 from quantkit.awq.engine import capture_layer_inputs, quantize_layers
 from quantkit.awq.quant import dequantize_gemm
+from quantkit.awq.rtn import rtn_layer_tensors
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, load_calibration, micro_batches, pydoc_topics
 from quantkit.evaluate import token_blocks
@@ -38,6 +39,21 @@ VARIANTS = {
     "native-16bit-inputs-no-clip": ("native", {"inputs_from_quantized": False, "clip": False}),
     "native-strided": ("native", {"clip_tokens": 512}),
     "native-strided-16bit-inputs": ("native", {"clip_tokens": 512, "inputs_from_quantized": False}),
+    "native-gptq": ("native", {"method": "awq-gptq"}),
+    "native-gptq-regrid": ("native", {"method": "awq-gptq", "gptq_regrid": True}),
+    "native-gptq-sequential": ("native", {"method": "awq-gptq", "gptq_sequential": True}),
+    "native-gptq-regrid-sequential": ("native", {"method": "awq-gptq", "gptq_regrid": True,
+                                                 "gptq_sequential": True}),
+    "native-gptq-act-order": ("native", {"method": "awq-gptq", "gptq_act_order": True}),
+    "native-gptq-act-order-sequential": ("native", {"method": "awq-gptq", "gptq_act_order": True,
+                                                    "gptq_sequential": True}),
+    "native-gptq-damp0.1": ("native", {"method": "awq-gptq", "gptq_damp": 0.1}),
+    "native-gptq-damp0.3": ("native", {"method": "awq-gptq", "gptq_damp": 0.3}),
+    "native-gptq-act-order-damp0.03": ("native", {"method": "awq-gptq", "gptq_act_order": True, "gptq_damp": 0.03}),
+    "native-gptq-act-order-damp0.1": ("native", {"method": "awq-gptq", "gptq_act_order": True, "gptq_damp": 0.1}),
+    "native-gptq-act-order-damp0.3": ("native", {"method": "awq-gptq", "gptq_act_order": True, "gptq_damp": 0.3}),
+    "rtn": ("rtn", {}),
+    "native-gptq-damp0.001": ("native", {"method": "awq-gptq", "gptq_damp": 0.001}),
     "autoawq": ("autoawq", {}),
 }
 
@@ -48,18 +64,16 @@ def load_fp32(source: Path, device: torch.device) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).to(device).eval()
 
 
-def quantized_state(model: torch.nn.Module, results: list, device: torch.device) -> dict[str, torch.Tensor]:
+def quantized_state(model: torch.nn.Module, layer_tensors: dict[str, torch.Tensor],
+                    device: torch.device) -> dict[str, torch.Tensor]:
     """The state `quantkit eval` loads from the release: int4 linears dequantized, every other tensor via fp16."""
     state = {k: v.half().float() for k, v in model.state_dict().items()}
-    for result in results:
-        prefix = LLAMA.layer_prefix(result.report.index)
-        tensors = result.tensors
-        for name in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")}:
-            packed = [tensors[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales")]
-            state[f"{prefix}.{name}.weight"] = dequantize_gemm(*packed)
-        for key, value in tensors.items():
-            if not key.endswith((".qweight", ".qzeros", ".scales")):
-                state[f"{prefix}.{key}"] = value.half().float()
+    for name in {k.rsplit(".", 1)[0] for k in layer_tensors if k.endswith(".qweight")}:
+        packed = [layer_tensors[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales")]
+        state[f"{name}.weight"] = dequantize_gemm(*packed)
+    for key, value in layer_tensors.items():
+        if not key.endswith((".qweight", ".qzeros", ".scales")):
+            state[key] = value.half().float()
     return {k: v.to(device) for k, v in state.items()}
 
 
@@ -76,18 +90,23 @@ def perplexity_and_kl(model: torch.nn.Module, blocks: torch.Tensor, ref_logprobs
 
 def run_once(source: Path, model: torch.nn.Module, tokenizer, variant: str, n: int, seed: int,
              base: QuantSettings, device: torch.device) -> list:
+    """Every decoder layer's release tensors (full names), as `write_release` takes them."""
     backend, changes = VARIANTS[variant]
     settings = replace(base, **changes)
+    if backend == "rtn":
+        return rtn_layer_tensors(source, LLAMA, settings)
     calib = load_calibration(BUILTIN_PYDOC, tokenizer, n_samples=n, seq_len=512, seed=seed)
     if backend == "autoawq":
         from quantkit.awq.autoawq_backend import quantize_with_autoawq
 
         scratch = load_fp32(source, torch.device("cpu"))
-        return quantize_with_autoawq(scratch, LLAMA, settings, blocks=calib.blocks)
-    forwards = [lambda c=c: model(input_ids=c.to(device), use_cache=False)
-                for c in micro_batches(calib.blocks, settings.max_batch_tokens)]
-    inputs = capture_layer_inputs(model, LLAMA, forwards, device)
-    return quantize_layers(model, LLAMA, settings, inputs, device)
+        results = quantize_with_autoawq(scratch, LLAMA, settings, blocks=calib.blocks)
+    else:
+        forwards = [lambda c=c: model(input_ids=c.to(device), use_cache=False)
+                    for c in micro_batches(calib.blocks, settings.max_batch_tokens)]
+        inputs = capture_layer_inputs(model, LLAMA, forwards, device)
+        results = quantize_layers(model, LLAMA, settings, inputs, device)
+    return {f"{LLAMA.layer_prefix(r.report.index)}.{name}": t for r in results for name, t in r.tensors.items()}
 
 
 def main() -> None:
@@ -120,9 +139,9 @@ def main() -> None:
         for n in args.sizes:
             for seed in args.seeds:
                 started = time.perf_counter()
-                results = run_once(source, model, tokenizer, variant, n, seed, base, device)
+                layer_tensors = run_once(source, model, tokenizer, variant, n, seed, base, device)
                 seconds = time.perf_counter() - started
-                model.load_state_dict(quantized_state(model, results, device))
+                model.load_state_dict(quantized_state(model, layer_tensors, device))
                 ppl, kl = perplexity_and_kl(model, blocks, ref)
                 model.load_state_dict(original)
                 runs.append({"variant": variant, "blocks": n, "seed": seed, "perplexity": ppl, "kl": kl,

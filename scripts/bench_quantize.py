@@ -159,9 +159,18 @@ def output_errors(model, results, held: HeldOut, device: str) -> dict:
             "rtn_output_rel_mse": relative_mse(held.rtn, held.reference)}
 
 
+METHODS = {
+    "awq": {},
+    "awq-gptq": {"method": "awq-gptq"},
+    "awq-gptq-act-order": {"method": "awq-gptq", "gptq_act_order": True},
+    "awq-gptq-act-order-sequential": {"method": "awq-gptq", "gptq_act_order": True, "gptq_sequential": True},
+}
+"""--method choices: the native engine's settings changes."""
+
+
 def bench_native(args, model, held: HeldOut, device: str, method: str) -> dict:
     ids = held.ids
-    settings = QuantSettings(method=method)
+    settings = QuantSettings(**METHODS[method])
     sync(device)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -231,8 +240,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["native", "autoawq", "both"], default="native")
-    parser.add_argument("--method", choices=["awq", "awq-gptq", "both"], default="awq",
-                        help="native engine's method; both: awq then awq-gptq on the same weights and data")
+    parser.add_argument("--method", nargs="+", choices=[*METHODS, "both"], default=["awq"],
+                        help="native engine's methods, run one after the other on the same weights and data; "
+                             "both: awq then awq-gptq")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="hidden 256 instead of MiniCPM-V 2.6's shapes (CPU check)")
     parser.add_argument("--json", type=Path)
@@ -258,7 +268,7 @@ def main() -> None:
     held = prepare(args, model, device)
     results = []
     if args.backend in ("native", "both"):
-        methods = ["awq", "awq-gptq"] if args.method == "both" else [args.method]
+        methods = ["awq", "awq-gptq"] if args.method == ["both"] else args.method
         for i, method in enumerate(methods):
             if i:  # output_errors() left the previous run's int4 weights in the model
                 del model
@@ -281,9 +291,10 @@ def main() -> None:
               f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} "
               f"({result['rtn_output_rel_mse']:.3e}) |")
     speed = {}
-    if args.method == "both":
-        speed["gptq_time_ratio"] = results[1]["wall_s"] / results[0]["wall_s"]
-        print(f"\nawq-gptq takes {speed['gptq_time_ratio']:.2f}x awq's time ({args.layers} layers, same data)")
+    if args.backend in ("native", "both") and len(methods) > 1:
+        speed["time_ratios"] = {r["backend"]: r["wall_s"] / results[0]["wall_s"] for r in results[1:len(methods)]}
+        for name, ratio in speed["time_ratios"].items():
+            print(f"\n{name} takes {ratio:.2f}x {results[0]['backend']}'s time ({args.layers} layers, same data)")
     if args.backend == "both":
         speed["speed_ratio"] = results[-1]["wall_s"] / results[0]["wall_s"]
         print(f"\nnative is {speed['speed_ratio']:.1f}x faster than AutoAWQ 0.2.9 ({args.layers} layers, same data); "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.awq.quant import GroupQuant
+from quantkit.awq.quant import GroupQuant, min_max_grid
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -40,11 +40,13 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: GroupQuant, damp: float, block_size: int,
-               bits: int = 4) -> GroupQuant:
+               bits: int = 4, regrid_bounds: torch.Tensor | None = None) -> GroupQuant:
     """Integers for `weight` [out, in] on `grid`'s scales and zeros, with error compensation through `hessian`.
 
-    `block_size` columns share one lazy update (a multiple of the group size). Returns a GroupQuant with
-    grid's scales and zeros.
+    `block_size` columns share one lazy update (a multiple of the group size). With `regrid_bounds`
+    ([out, groups], the clip bounds; inf where unclipped), each group's scale and zero are instead set when its
+    first column is reached, by min-max of the error-updated weights clipped to the bound: the earlier groups'
+    compensation has moved them, and a grid fitted before would clamp them.
     """
     out_features, in_features = weight.shape
     groups = grid.scales.shape[1]
@@ -53,8 +55,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: GroupQuant, da
         raise ValueError(f"gptq block size {block_size} is not a multiple of the group size {gs}")
     max_int = 2**bits - 1
     u = inverse_hessian_factor(hessian, damp).to(weight.device)
-    scales = grid.scales.float().to(weight.device)
-    zeros = grid.zeros.float().to(weight.device)
+    scales = grid.scales.to(weight.device, copy=True)
+    zeros = grid.zeros.to(weight.device, torch.float32, copy=True)
     w = weight.float().clone()
     q = torch.empty_like(w)
     for b0 in range(0, in_features, block_size):
@@ -62,8 +64,12 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: GroupQuant, da
         block_err = torch.empty(out_features, b1 - b0, device=w.device)  # scaled error / U[j, j], weight units
         for g0 in range(b0, b1, gs):
             g1 = g0 + gs
-            s = scales[:, g0 // gs : g0 // gs + 1]
-            z = zeros[:, g0 // gs : g0 // gs + 1]
+            k = g0 // gs
+            if regrid_bounds is not None:
+                bound = regrid_bounds[:, k : k + 1].to(w.device, torch.float32)
+                scales[:, k], zeros[:, k] = min_max_grid(torch.maximum(torch.minimum(w[:, g0:g1], bound), -bound), bits)
+            s = scales[:, k : k + 1].float()
+            z = zeros[:, k : k + 1]
             units = w[:, g0:g1].div(s).add_(z).t().contiguous()  # [gs, out] in the group's steps, rows contiguous
             u_group = u[g0:g1, g0:g1]
             d = torch.diagonal(u_group)
@@ -84,14 +90,58 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, grid: GroupQuant, da
                 w[:, g1:b1].addmm_(group_err, u[g0:g1, g1:b1], alpha=-1)
         if b1 < in_features:
             w[:, b1:].addmm_(block_err, u[b0:b1, b1:], alpha=-1)
-    return GroupQuant(q=q.to(torch.int64), scales=grid.scales, zeros=grid.zeros)
+    return GroupQuant(q=q.to(torch.int64), scales=scales.to(grid.scales.device),
+                      zeros=zeros.to(grid.zeros.device, torch.int64))
 
 
 def gptq_round_shared(weights: list[torch.Tensor], hessian: torch.Tensor, grids: list[GroupQuant], damp: float,
-                      block_size: int, bits: int = 4) -> list[GroupQuant]:
+                      block_size: int, bits: int = 4,
+                      regrid_bounds: list[torch.Tensor] | None = None, act_order: bool = False) -> list[GroupQuant]:
     """gptq_round on linears fed the same input (q/k/v, gate/up) as one stacked weight: one column loop."""
     stacked = GroupQuant(q=torch.cat([g.q for g in grids]), scales=torch.cat([g.scales for g in grids]),
                          zeros=torch.cat([g.zeros for g in grids]))
-    rounded = gptq_round(torch.cat(weights), hessian, stacked, damp, block_size, bits)
+    bounds = None if regrid_bounds is None else torch.cat(regrid_bounds)
+    if act_order:
+        rounded = gptq_round_act_order(torch.cat(weights), hessian, stacked, damp, block_size, bits)
+    else:
+        rounded = gptq_round(torch.cat(weights), hessian, stacked, damp, block_size, bits, bounds)
     rows = [w.shape[0] for w in weights]
-    return [GroupQuant(q=q, scales=g.scales, zeros=g.zeros) for q, g in zip(rounded.q.split(rows), grids)]
+    return [GroupQuant(q=q, scales=s, zeros=z)
+            for q, s, z in zip(rounded.q.split(rows), rounded.scales.split(rows), rounded.zeros.split(rows))]
+
+
+@torch.no_grad()
+def gptq_round_act_order(weight: torch.Tensor, hessian: torch.Tensor, grid: GroupQuant, damp: float,
+                         block_size: int, bits: int = 4) -> GroupQuant:
+    """gptq_round with the columns taken in order of falling input energy (diag H), on grid's fixed groups.
+
+    The columns whose rounding error costs most are rounded first, while the most columns are left to absorb
+    it; each column keeps its own group's scale and zero, so the layout stays contiguous groups.
+    """
+    out_features, in_features = weight.shape
+    gs = in_features // grid.scales.shape[1]
+    max_int = 2**bits - 1
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True).to(weight.device)
+    h = hessian.to(weight.device)[order][:, order]
+    u = inverse_hessian_factor(h, damp)
+    col_scales = grid.scales.float().to(weight.device).repeat_interleave(gs, dim=1)[:, order]
+    col_zeros = grid.zeros.float().to(weight.device).repeat_interleave(gs, dim=1)[:, order]
+    w = weight.float()[:, order].contiguous()
+    q = torch.empty_like(w)
+    for b0 in range(0, in_features, block_size):
+        b1 = min(b0 + block_size, in_features)
+        wb = w[:, b0:b1].t().contiguous()  # [cols, out]
+        ub = u[b0:b1, b0:b1]
+        errs = torch.empty_like(wb)
+        for j in range(b1 - b0):
+            s, z = col_scales[:, b0 + j], col_zeros[:, b0 + j]
+            qj = torch.round(wb[j] / s).add_(z).clamp_(0, max_int)
+            q[:, b0 + j] = qj
+            errs[j] = (wb[j] - (qj - z) * s) / ub[j, j]
+            if j + 1 < b1 - b0:
+                wb[j + 1 :].addr_(ub[j, j + 1 :], errs[j], alpha=-1)
+        if b1 < in_features:
+            w[:, b1:].addmm_(errs.t(), u[b0:b1, b1:], alpha=-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(in_features, device=order.device)
+    return GroupQuant(q=q[:, inverse].to(torch.int64), scales=grid.scales, zeros=grid.zeros)

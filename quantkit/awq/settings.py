@@ -22,6 +22,14 @@ class QuantSettings:
     """awq-gptq: dampening added to the Gram matrix's diagonal, as a fraction of its mean diagonal."""
     gptq_block_size: int = 128
     """awq-gptq: columns per lazy batch update (a multiple of group_size)."""
+    gptq_regrid: bool = False
+    """awq-gptq: set each group's scale and zero when its first column is reached, from the error-updated
+    weights clipped to the clip bound, instead of before any rounding."""
+    gptq_act_order: bool = False
+    """awq-gptq: round columns in order of falling input energy, each on its own group's fixed grid."""
+    gptq_sequential: bool = False
+    """awq-gptq: each linear's Gram matrix from inputs that the layer's already rounded linears produced
+    (o_proj after q/k/v, gate/up after o_proj, down_proj after gate/up) instead of the 16-bit layer's."""
     bits: int = 4
     group_size: int = 128
     zero_point: bool = True
