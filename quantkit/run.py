@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import DependencyError, HubError, InputError, QuantkitError, VerifyError
+from quantkit.io.chores import format_size, read_json
 from quantkit.io.manifest import MANIFEST_NAME, read_manifest, record_files, write_manifest
 from quantkit.io.portable import portable
 from quantkit.recipe import (
@@ -185,10 +186,6 @@ def estimate_quantize_memory(config: dict[str, Any], n_samples: int, seq_len: in
     capture_phase = outside + tokens * hidden * bytes_per_value
     return {"layer_phase": layer_phase * QUANTIZE_OVERHEAD, "capture_phase": capture_phase * QUANTIZE_OVERHEAD,
             "peak": max(layer_phase, capture_phase) * QUANTIZE_OVERHEAD}
-
-
-def _gib(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -352,10 +349,10 @@ class _Run:
             from quantkit.testing.standin import REAL, TINY, weight_specs
 
             size = TINY if self.recipe.source.standin.size == "tiny" else REAL
-            details.append(f"weights {_gib(sum(spec.numel for spec in weight_specs(size)) * 2)} (bf16)")
+            details.append(f"weights {format_size(sum(spec.numel for spec in weight_specs(size)) * 2)} (bf16)")
             return PlanItem("download", "run", "build the stand-in", details)
         if self.remote_sizes is not None:
-            details.append(f"{_gib(self.remote_sizes)} to fetch at most")
+            details.append(f"{format_size(self.remote_sizes)} to fetch at most")
         return PlanItem("download", "run", f"fetch {self._wanted()}", details)
 
     def _source_config(self) -> dict[str, Any] | None:
@@ -376,8 +373,8 @@ class _Run:
         if config is not None:
             memory = estimate_quantize_memory(config, calibration.n_samples, calibration.seq_len,
                                               self.recipe.quantization.max_batch_tokens)
-            details.append(f"estimated peak GPU memory {_gib(memory['peak'])} (layer phase "
-                           f"{_gib(memory['layer_phase'])}, capture phase {_gib(memory['capture_phase'])}; "
+            details.append(f"estimated peak GPU memory {format_size(memory['peak'])} (layer phase "
+                           f"{format_size(memory['layer_phase'])}, capture phase {format_size(memory['capture_phase'])}; "
                            "on a CPU this is host memory)")
         else:
             details.append("GPU memory estimate: unknown until config.json is downloaded")
@@ -417,10 +414,7 @@ class _Run:
         if manifest is None or self.force or record.get("fingerprint") != verify_fingerprint(
                 self.loaded, manifest, self.use_vllm):
             return False
-        try:
-            report = json.loads((self.release / "verify-report.json").read_text())
-        except (OSError, ValueError):
-            return False
+        report = read_json(self.release / "verify-report.json") or {}
         return report.get("verdict") == "PASS" and (manifest.get("verify") or {}).get("verdict") == "PASS"
 
     def stage_download(self) -> StageRecord:
