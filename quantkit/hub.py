@@ -109,7 +109,7 @@ def download(
 
     api = HfApi(endpoint=endpoint, token=token)
     endpoint_url = api.endpoint
-    with _hub_errors(api, repo_id, revision, token):
+    with hub_errors(api, repo_id, revision, token):
         # model_info fails at once when the endpoint is unreachable (resolve_revision would fall back on a
         # cached ref and the listing below would then retry for ~20 s). resolve_revision pins every later
         # request to one commit and records branch -> commit in the cache's refs/ for HF_HUB_OFFLINE=1.
@@ -181,7 +181,7 @@ def download(
 
 
 @contextmanager
-def _hub_errors(api: HfApi, repo_id: str, revision: str, token: str | None) -> Iterator[None]:
+def hub_errors(api: HfApi, repo_id: str, revision: str, token: str | None) -> Iterator[None]:
     """Turn huggingface_hub's refusals into one-line errors that name the next step. A mirror such as olah
     answers 401 both for an unknown repo and for an unknown revision (the real Hub raises
     RevisionNotFoundError for the latter), so on any refusal the repo's refs are asked for: if they come

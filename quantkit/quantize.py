@@ -21,10 +21,10 @@ from quantkit.awq.engine import (
     LayerInputs,
     LayerReport,
     LayerResult,
-    _to_device,
     capture_layer_inputs,
     move_outside_layers,
     quantize_layers,
+    to_device,
 )
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, CalibrationSet, load_calibration, micro_batches
@@ -114,7 +114,7 @@ def calibration_forwards(model: torch.nn.Module, spec: ArchSpec, source: Path, c
         processor = spec.load_processor(source)
         for sample in calib.multimodal:
             images = [Image.open(p).convert("RGB") for p in sample.images]
-            kwargs = _cast_floats(_to_device(processor(sample.text, images), device), dtype)
+            kwargs = _cast_floats(to_device(processor(sample.text, images), device), dtype)
             forwards.append(lambda kwargs=kwargs: model(**kwargs))
     return forwards
 
@@ -200,7 +200,7 @@ def quantize(
             checkpoints.save_kwargs(inputs.kwargs)
         elif start < n_layers:
             inputs = LayerInputs(hidden=[h.to(dev) for h in checkpoints.load_inputs(start)],
-                                 kwargs=_to_device(checkpoints.load_kwargs(), dev))
+                                 kwargs=to_device(checkpoints.load_kwargs(), dev))
         timings["capture_s"] = time.perf_counter() - started
 
         def layer_done(result: LayerResult, next_hidden: list[torch.Tensor]) -> None:

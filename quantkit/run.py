@@ -281,7 +281,7 @@ class _Run:
         the folder already holds that exact commit (offline re-runs) or HF_HUB_OFFLINE is set."""
         from huggingface_hub import HfApi, is_offline_mode
 
-        from quantkit.hub import _hub_errors
+        from quantkit.hub import hub_errors
 
         source = self.recipe.source
         assert source.repo is not None and source.revision is not None
@@ -289,7 +289,7 @@ class _Run:
             return
         api = HfApi(endpoint=self.endpoint, token=self.token)
         try:
-            with _hub_errors(api, source.repo, source.revision, self.token):
+            with hub_errors(api, source.repo, source.revision, self.token):
                 info = api.model_info(source.repo, revision=source.revision, files_metadata=True)
         except HubError as err:
             raise HubError(f"{self.loaded.where('source.revision')}: {err}") from None

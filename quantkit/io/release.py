@@ -17,13 +17,12 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
 
 from quantkit.archs import ArchSpec
-from quantkit.awq.settings import QuantSettings
 from quantkit.errors import InputError
 from quantkit.io.chores import package_versions
 from quantkit.io.manifest import MANIFEST_NAME, hash_file, read_manifest, write_manifest
@@ -76,6 +75,16 @@ def release_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch
 def _layer_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """AWQ scales stay fp16 whatever the release dtype (the GEMM layout); other layer floats take `dtype`."""
     return torch.float16 if name.endswith(".scales") else dtype
+
+
+class ReleaseSettings(Protocol):
+    """What the release writer needs of the quantization settings (quantkit.awq.settings.QuantSettings): the
+    `quantization_config` block for config.json and the settings for the manifest. A protocol, so that the
+    save layer does not import the engine above it."""
+
+    def quantization_config(self, modules_to_not_convert: tuple[str, ...]) -> dict: ...
+
+    def as_dict(self) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -225,7 +234,7 @@ def write_release(
     out_dir: str | Path,
     layer_tensors: Mapping[str, torch.Tensor],
     spec: ArchSpec,
-    settings: QuantSettings,
+    settings: ReleaseSettings,
     *,
     dtype: torch.dtype = torch.float16,
     max_shard_bytes: int = 4 * 2**30,
