@@ -138,7 +138,7 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
                  + ". The vision tower and resampler stay 16-bit; the LLM's decoder linears are 4-bit.")
     if standin:
         lines += ["", ("> **Not a real model.** Random weights with MiniCPM-V 2.6's file layout, built by "
-                  "`quantkit.testing.standin` to test the release pipeline end to end. Its outputs are noise.")]
+                  "`quantkit.standin` to test the release pipeline end to end. Its outputs are noise.")]
     if recipe and not recipe.get("release"):
         lines += ["", "> Made from a recipe not marked `release: true`: its inputs may not all be pinned."]
 

@@ -59,7 +59,7 @@ class _Section(BaseModel):
 
 
 class StandinSource(_Section):
-    """The random-weight MiniCPM-V 2.6 stand-in (quantkit.testing.standin), built instead of downloaded."""
+    """The random-weight MiniCPM-V 2.6 stand-in (quantkit.standin), built instead of downloaded."""
 
     size: Literal["tiny", "real"] = "tiny"
     seed: int = 0

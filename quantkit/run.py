@@ -346,7 +346,7 @@ class _Run:
             return PlanItem("download", "skip", f"{self.source} already holds {self._wanted()}")
         details = [f"into {self.source}"]
         if self.recipe.source.standin is not None:
-            from quantkit.testing.standin import REAL, TINY, weight_specs
+            from quantkit.standin import REAL, TINY, weight_specs
 
             size = TINY if self.recipe.source.standin.size == "tiny" else REAL
             details.append(f"weights {format_size(sum(spec.numel for spec in weight_specs(size)) * 2)} (bf16)")
@@ -359,7 +359,7 @@ class _Run:
         if (self.source / "config.json").is_file():
             return json.loads((self.source / "config.json").read_text())
         if self.recipe.source.standin is not None:
-            from quantkit.testing.standin import REAL, TINY, real_config
+            from quantkit.standin import REAL, TINY, real_config
 
             return real_config(TINY if self.recipe.source.standin.size == "tiny" else REAL)
         return self.remote_config
@@ -437,7 +437,7 @@ class _Run:
 
     def _build_standin(self) -> StageRecord:
         """Build the stand-in next to its final place and rename it in, with a manifest naming size and seed."""
-        from quantkit.testing.standin import REAL, TINY, build_standin
+        from quantkit.standin import REAL, TINY, build_standin
 
         standin = self.recipe.source.standin
         assert standin is not None
@@ -449,7 +449,7 @@ class _Run:
         try:
             build_standin(building, TINY if standin.size == "tiny" else REAL, seed=standin.seed)
             write_manifest(building, {"source": {"standin": standin.model_dump(),
-                                                 "builder": "quantkit.testing.standin"}})
+                                                 "builder": "quantkit.standin"}})
             if self.source.exists():
                 shutil.rmtree(self.source)
             building.rename(self.source)

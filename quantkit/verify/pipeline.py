@@ -106,7 +106,7 @@ def _floor_model(reference: Path, scratch: Path) -> Path | None:
     MiniCPM-V: its decode step is vLLM's per-step cost around the weights. None for other architectures."""
     if (read_json(reference / "config.json") or {}).get("model_type") != "minicpmv":
         return None
-    from quantkit.testing.standin import build_standin
+    from quantkit.standin import build_standin
 
     return build_standin(scratch / "minicpmv26-tiny")
 
