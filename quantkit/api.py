@@ -15,6 +15,7 @@ _HOMES = {
     "DownloadResult": "quantkit.hub",
     "download": "quantkit.hub",
     "write_release": "quantkit.io.release",
+    "QuantizeConfig": "quantkit.quantize",
     "QuantizeResult": "quantkit.quantize",
     "quantize": "quantkit.quantize",
     "RunResult": "quantkit.run",
@@ -46,6 +47,7 @@ __all__ = [
     "EvalReport",
     "ParityThresholds",
     "QuantSettings",
+    "QuantizeConfig",
     "QuantizeResult",
     "RunResult",
     "StaticReport",
@@ -74,7 +76,7 @@ if TYPE_CHECKING:
     from quantkit.evaluate import EvalReport, evaluate
     from quantkit.hub import DownloadResult, download
     from quantkit.io.release import write_release
-    from quantkit.quantize import QuantizeResult, quantize
+    from quantkit.quantize import QuantizeConfig, QuantizeResult, quantize
     from quantkit.run import RunResult, run
     from quantkit.upload import UploadResult, upload
     from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS

@@ -132,12 +132,13 @@ def quantize_command(
 
     Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --calib data/calib.jsonl
     """
-    settings = api.QuantSettings(group_size=group_size, clip=not no_clip, method=method)
+    config = api.QuantizeConfig(
+        calib=calib, calib_revision=calib_revision, calib_split=calib_split, text_field=text_field,
+        n_samples=n_samples, seq_len=seq_len, seed=seed,
+        settings=api.QuantSettings(group_size=group_size, clip=not no_clip, method=method),
+        device=device, backend=backend, max_shard_bytes=int(shard_size_gb * 2**30))
     with _layer_progress() as layer_done:
-        result = api.quantize(source, out, calib=calib, calib_revision=calib_revision, calib_split=calib_split,
-                              text_field=text_field, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                              settings=settings, device=device, force=force, backend=backend,
-                              max_shard_bytes=int(shard_size_gb * 2**30), on_layer_done=layer_done)
+        result = api.quantize(source, out, config, force=force, on_layer_done=layer_done)
     seconds = result.seconds
     resumed = f" (resumed at layer {result.resumed_from_layer})" if result.resumed_from_layer else ""
     typer.echo(f"quantized {len(result.layers)} layers on {result.device} in {seconds.get('layers_s', 0):.1f} s"

@@ -218,19 +218,16 @@ class _Run:
         """Every cheap check, in the order a user would fix them; returns warnings."""
         recipe, loaded, warnings = self.recipe, self.loaded, list(self.loaded.warnings)
         if "quantize" in selected and not dry_run:
-            from quantkit.quantize import resolve_device
+            from quantkit.quantize import BACKENDS, resolve_device
 
             try:
                 device = resolve_device(recipe.quantization.device)
             except QuantkitError as err:
                 raise type(err)(f"{loaded.where('quantization.device')}: {err}") from None
-            if recipe.quantization.backend == "autoawq":
-                from quantkit.awq.autoawq_backend import check_available
-
-                try:
-                    check_available(device, recipe.settings())
-                except QuantkitError as err:
-                    raise type(err)(f"{loaded.where('quantization.backend')}: {err}") from None
+            try:
+                BACKENDS[recipe.quantization.backend].check(device, recipe.settings())
+            except QuantkitError as err:
+                raise type(err)(f"{loaded.where('quantization.backend')}: {err}") from None
         if "verify" in selected and recipe.verify.vllm == "required" and not self.use_vllm:
             from quantkit.verify.pipeline import VLLM_INSTALL_HINT
 
@@ -459,7 +456,7 @@ class _Run:
         return StageRecord("download", "ran", f"built stand-in {standin.model_dump()}")
 
     def stage_quantize(self) -> StageRecord:
-        from quantkit.quantize import quantize
+        from quantkit.quantize import QuantizeConfig, quantize
 
         source_manifest = read_manifest(self.source)
         assert source_manifest is not None
@@ -469,13 +466,13 @@ class _Run:
             return StageRecord("quantize", "skipped", f"{self.release} already holds this release")
         recipe, calibration = self.recipe, self.recipe.calibration
         ref = self.loaded.calibration()
+        config = QuantizeConfig(
+            calib=ref.value, calib_revision=calibration.revision, calib_split=calibration.split,
+            text_field=calibration.text_field, n_samples=calibration.n_samples, seq_len=calibration.seq_len,
+            seed=calibration.seed, settings=recipe.settings(), device=recipe.quantization.device,
+            backend=recipe.quantization.backend, max_shard_bytes=int(recipe.output.shard_size_gb * 2**30))
         result = quantize(
-            self.source, self.release, calib=ref.value, calib_revision=calibration.revision,
-            calib_split=calibration.split, text_field=calibration.text_field, n_samples=calibration.n_samples,
-            seq_len=calibration.seq_len, seed=calibration.seed, settings=recipe.settings(),
-            device=recipe.quantization.device, force=self.release.exists(),
-            max_shard_bytes=int(recipe.output.shard_size_gb * 2**30), on_layer_done=self.on_layer_done,
-            backend=recipe.quantization.backend,
+            self.source, self.release, config, force=self.release.exists(), on_layer_done=self.on_layer_done,
             manifest_extra={"recipe": {"name": recipe.name, "sha256": self.loaded.sha256,
                                        "release": recipe.release, "quantize": fingerprint}},
         )
