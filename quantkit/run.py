@@ -43,7 +43,6 @@ from quantkit.recipe import (
     write_lock,
 )
 
-STAGES = ("download", "quantize", "verify", "card", "upload")
 _GENERATED = {LOCK_NAME, MANIFEST_NAME, "README.md", "verify-report.json", "verify-report.md", "eval-report.json"}
 """Files of a release written after quantize: not part of what verify checks against its fingerprint."""
 QUANTIZE_OVERHEAD = 1.32
@@ -209,7 +208,6 @@ class _Run:
         self.records: dict[str, StageRecord] = {}
         self.resolved: dict[str, Any] = {}
         self.remote_sizes: int | None = None
-        self.remote_config: dict[str, Any] | None = None
         self.use_vllm, self.parity_note = _parity_mode(loaded)
 
     # -- checks before any heavy work
@@ -335,7 +333,7 @@ class _Run:
             elif stage not in selected:
                 items.append(PlanItem(stage, "not selected", "outside --from/--until"))
             else:
-                items.append(getattr(self, f"_plan_{stage}")())
+                items.append(STAGE_STEPS[stage].plan(self))
         return items
 
     def _plan_download(self) -> PlanItem:
@@ -353,13 +351,14 @@ class _Run:
         return PlanItem("download", "run", f"fetch {self._wanted()}", details)
 
     def _source_config(self) -> dict[str, Any] | None:
+        """The source's config.json, or the stand-in's before it is built; None for a model not downloaded yet."""
         if (self.source / "config.json").is_file():
             return json.loads((self.source / "config.json").read_text())
         if self.recipe.source.standin is not None:
             from quantkit.standin import REAL, TINY, real_config
 
             return real_config(TINY if self.recipe.source.standin.size == "tiny" else REAL)
-        return self.remote_config
+        return None
 
     def _plan_quantize(self) -> PlanItem:
         calibration = self.recipe.calibration
@@ -595,6 +594,25 @@ class _Run:
         return path
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: `plan` says what it will do (the plan, --dry-run), `run` does it or skips it."""
+
+    plan: Callable[[_Run], PlanItem]
+    run: Callable[[_Run], StageRecord]
+
+
+STAGE_STEPS: dict[str, Stage] = {
+    "download": Stage(plan=_Run._plan_download, run=_Run.stage_download),
+    "quantize": Stage(plan=_Run._plan_quantize, run=_Run.stage_quantize),
+    "verify": Stage(plan=_Run._plan_verify, run=_Run.stage_verify),
+    "card": Stage(plan=_Run._plan_card, run=_Run.stage_card),
+    "upload": Stage(plan=_Run._plan_upload, run=_Run.stage_upload),
+}
+STAGES = tuple(STAGE_STEPS)
+"""The stages in the order a run goes through them."""
+
+
 def selected_stages(from_stage: str | None, until_stage: str | None, has_upload: bool) -> list[str]:
     """The stages between --from and --until (inclusive); upload only when the recipe has a target."""
     for name, value in (("--from", from_stage), ("--until", until_stage)):
@@ -642,7 +660,7 @@ def run(
         for stage in selected:
             event(f"{stage}: starting")
             started = time.perf_counter()
-            record = getattr(state, f"stage_{stage}")()
+            record = STAGE_STEPS[stage].run(state)
             record.seconds = time.perf_counter() - started
             state.records[stage] = record
             event(f"{stage}: {record.status} ({record.reason}) in {record.seconds:.1f} s")
