@@ -27,11 +27,10 @@ from quantkit.errors import InputError
 REMOTE_CODE_DIR = Path(__file__).parent / "standin_code"
 REAL_REPO = "openbmb/MiniCPM-V-2_6"
 
-# The key set of openbmb/MiniCPM-V-2_6's config.json. The Hub repo is not in the code index, so it is
-# reconstructed: the MiniCPM-V keys and values from /work/shared/design/minicpmv26.md (gathered from the Hub
-# files), the Qwen2 keys and values (attention_dropout, initializer_range, sliding_window 131072, use_cache,
-# transformers_version) from the LLM half of the same checkpoint republished as
-# thanhtantran/MiniCPM-V-2_6-rkllm config.json, whose model.safetensors.index.json also keeps the original
+# The key set of openbmb/MiniCPM-V-2_6's config.json, reconstructed without a primary copy of the file: the
+# MiniCPM-V keys and values as the model's Hub files describe them, the Qwen2 keys and values
+# (attention_dropout, initializer_range, sliding_window 131072, use_cache, transformers_version) from the LLM
+# half of the same checkpoint republished as thanhtantran/MiniCPM-V-2_6-rkllm config.json, whose model.safetensors.index.json also keeps the original
 # total_size 16198350304 that weight_specs(REAL) reproduces exactly. `_name_or_path` and `scale_resolution`
 # are the least certain entries (no primary copy of the file was readable).
 REAL_CONFIG_KEYS: tuple[str, ...] = (
@@ -42,10 +41,6 @@ REAL_CONFIG_KEYS: tuple[str, ...] = (
     "scale_resolution", "slice_config", "slice_mode", "sliding_window", "tie_word_embeddings", "torch_dtype",
     "transformers_version", "use_cache", "use_image_id", "use_sliding_window", "version", "vision_batch_size",
     "vision_config", "vocab_size",
-)
-REAL_VISION_CONFIG_KEYS: tuple[str, ...] = (
-    "hidden_size", "image_size", "intermediate_size", "model_type", "num_attention_heads", "num_hidden_layers",
-    "patch_size",
 )
 
 # Added tokens at the real ids (151643..151665) and the per-image placeholder `<unk>` inside the BPE range.
@@ -88,10 +83,6 @@ class StandinSize:
     @property
     def head_dim(self) -> int:
         return self.llm_hidden // self.llm_heads
-
-    @property
-    def resampler_heads(self) -> int:
-        return self.llm_hidden // 128
 
 
 # Every LLM linear dim is a multiple of 128 (AWQ group 128, Marlin K) and GQA makes v_proj (128 x 256) and

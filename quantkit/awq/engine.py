@@ -39,10 +39,6 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
 
-    @property
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
 
 @dataclass
 class LayerReport:
