@@ -1,4 +1,5 @@
-"""The public Python API: one function per CLI command, same parameters. The CLI is a thin layer over this.
+"""The public Python API: one function per CLI command, same parameters, plus the config and report types they
+take and return and the report rows the CLI prints. The CLI is a thin layer over this and imports nothing else.
 
 Names resolve on first use (PEP 562), so `quantkit --help` and light commands do not pay for importing torch.
 """
