@@ -1,4 +1,5 @@
-"""The public Python API: one function per CLI command, same parameters. The CLI is a thin layer over this.
+"""The public Python API: one function per CLI command, same parameters, plus the config and report types they
+take and return and the report rows the CLI prints. The CLI is a thin layer over this and imports nothing else.
 
 Names resolve on first use (PEP 562), so `quantkit --help` and light commands do not pay for importing torch.
 """
@@ -15,6 +16,7 @@ _HOMES = {
     "DownloadResult": "quantkit.hub",
     "download": "quantkit.hub",
     "write_release": "quantkit.io.release",
+    "QuantizeConfig": "quantkit.quantize",
     "QuantizeResult": "quantkit.quantize",
     "quantize": "quantkit.quantize",
     "RunResult": "quantkit.run",
@@ -26,13 +28,27 @@ _HOMES = {
     "VerifyReport": "quantkit.verify.report",
     "StaticReport": "quantkit.verify.static",
     "verify_static": "quantkit.verify.static",
+    # how the CLI prints what verify returns: the same rows, cells and notes as verify-report.md
+    "DEFAULT_SPEED_TRIALS": "quantkit.verify.kernels",
+    "RECOMMENDATION_HEADER": "quantkit.verify.report",
+    "floors_note": "quantkit.verify.report",
+    "no_decisive_note": "quantkit.verify.report",
+    "recommendation_rows": "quantkit.verify.report",
+    "serve_advice": "quantkit.verify.report",
+    "size_reason": "quantkit.verify.static",
+    "speed_memory_rows": "quantkit.verify.report",
+    "speed_trial_rows": "quantkit.verify.report",
+    "top1_cell": "quantkit.verify.report",
 }
 
 __all__ = [
+    "DEFAULT_SPEED_TRIALS",
+    "RECOMMENDATION_HEADER",
     "DownloadResult",
     "EvalReport",
     "ParityThresholds",
     "QuantSettings",
+    "QuantizeConfig",
     "QuantizeResult",
     "RunResult",
     "StaticReport",
@@ -40,8 +56,16 @@ __all__ = [
     "VerifyReport",
     "download",
     "evaluate",
+    "floors_note",
+    "no_decisive_note",
     "quantize",
+    "recommendation_rows",
     "run",
+    "serve_advice",
+    "size_reason",
+    "speed_memory_rows",
+    "speed_trial_rows",
+    "top1_cell",
     "upload",
     "verify",
     "verify_static",
@@ -53,13 +77,24 @@ if TYPE_CHECKING:
     from quantkit.evaluate import EvalReport, evaluate
     from quantkit.hub import DownloadResult, download
     from quantkit.io.release import write_release
-    from quantkit.quantize import QuantizeResult, quantize
+    from quantkit.quantize import QuantizeConfig, QuantizeResult, quantize
     from quantkit.run import RunResult, run
     from quantkit.upload import UploadResult, upload
+    from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS
     from quantkit.verify.parity import ParityThresholds
     from quantkit.verify.pipeline import verify
-    from quantkit.verify.report import VerifyReport
-    from quantkit.verify.static import StaticReport, verify_static
+    from quantkit.verify.report import (
+        RECOMMENDATION_HEADER,
+        VerifyReport,
+        floors_note,
+        no_decisive_note,
+        recommendation_rows,
+        serve_advice,
+        speed_memory_rows,
+        speed_trial_rows,
+        top1_cell,
+    )
+    from quantkit.verify.static import StaticReport, size_reason, verify_static
 
 
 def __getattr__(name: str) -> Any:

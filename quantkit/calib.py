@@ -39,10 +39,6 @@ class CalibrationSet:
     seq_len: int = 0
     """The requested block length (also when an image-only set has no text blocks)."""
 
-    @property
-    def n_samples(self) -> int:
-        return self.blocks.shape[0] + len(self.multimodal)
-
     def describe(self) -> dict[str, Any]:
         """What the release manifest records (published with it: a local file is named by its name only)."""
         return {

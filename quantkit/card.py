@@ -13,17 +13,18 @@ from typing import Any
 
 import yaml
 
+from quantkit.io.chores import read_json
 from quantkit.io.manifest import read_manifest, record_files
 from quantkit.recipe import LOCK_NAME, read_lock
 from quantkit.verify.report import (
     EVAL_REPORT,
     REPORT_JSON,
+    format_value,
     no_decisive_note,
     serve_advice,
     speed_memory_rows,
     top1_cell,
 )
-from quantkit.verify.report import _fmt as _number  # one number format for the card and the verify report
 
 CARD_NAME = "README.md"
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -63,21 +64,14 @@ def source_license(folder: Path, source_folder: Path | None = None) -> dict[str,
     return {}
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _fmt(value: Any) -> str:
-    return _number(value).replace("|", "\\|")
+def _cell(value: Any) -> str:
+    """A value in a markdown table cell: the verify report's number format, pipes escaped."""
+    return format_value(value).replace("|", "\\|")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows)]
+            *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows)]
 
 
 def made_with(manifest: dict[str, Any]) -> dict[str, str]:
@@ -116,7 +110,7 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
     will be) published, for the usage snippet."""
     root = Path(folder)
     manifest = read_manifest(root) or {}
-    report = _read_json(root / REPORT_JSON)
+    report = read_json(root / REPORT_JSON)
     lock = read_lock(root) or {}
     source = manifest.get("source") or {}
     quantization = manifest.get("quantization") or {}
@@ -144,7 +138,7 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
                  + ". The vision tower and resampler stay 16-bit; the LLM's decoder linears are 4-bit.")
     if standin:
         lines += ["", ("> **Not a real model.** Random weights with MiniCPM-V 2.6's file layout, built by "
-                  "`quantkit.testing.standin` to test the release pipeline end to end. Its outputs are noise.")]
+                  "`quantkit.standin` to test the release pipeline end to end. Its outputs are noise.")]
     if recipe and not recipe.get("release"):
         lines += ["", "> Made from a recipe not marked `release: true`: its inputs may not all be pinned."]
 
@@ -191,15 +185,15 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
         lines += _table(("file", "sha256"), [(f"`{name}`", f"`{digest}`") for name, digest in sorted(code.items())])
 
     lines += ["", "## Verification", ""] + _verification(report)
-    evaluation = _read_json(root / EVAL_REPORT)
+    evaluation = read_json(root / EVAL_REPORT)
     if evaluation:
         lines += ["", "## Evaluation", "", (f"`quantkit eval` on {evaluation.get('n_blocks')} x "
                   f"{evaluation.get('seq_len')} tokens of {evaluation.get('text_source')}:"), ""]
         lines += _table(("metric", "value"), [
-            ("perplexity (int4)", _number(evaluation.get("perplexity"), 4)),
-            ("perplexity (16-bit)", _number(evaluation.get("reference_perplexity"), 4)),
-            ("mean KL(16-bit || int4), nats/token", _number(evaluation.get("kl_mean"), 4)),
-            ("top-1 agreement", _number(evaluation.get("top1_agreement"), 4))])
+            ("perplexity (int4)", format_value(evaluation.get("perplexity"), 4)),
+            ("perplexity (16-bit)", format_value(evaluation.get("reference_perplexity"), 4)),
+            ("mean KL(16-bit || int4), nats/token", format_value(evaluation.get("kl_mean"), 4)),
+            ("top-1 agreement", format_value(evaluation.get("top1_agreement"), 4))])
 
     lines += ["", "## Reproduce", ""]
     if recipe.get("name"):
@@ -225,9 +219,9 @@ def _verification(report: dict[str, Any] | None) -> list[str]:
     if measured:
         thresholds = report.get("thresholds") or {}
         lines += [("Parity through vLLM, int4 teacher-forced on the 16-bit greedy continuation "
-                  f"(thresholds: {', '.join(f'{k} {_fmt(v)}' for k, v in thresholds.items() if v is not None)}):"), ""]
+                  f"(thresholds: {', '.join(f'{k} {_cell(v)}' for k, v in thresholds.items() if v is not None)}):"), ""]
         lines += _table(("prompt", "kind", "tokens", "mean KL", "top-1 agree", "1st divergence", "verdict"),
-                        [(p["id"], p["kind"], p["metrics"]["positions"], _number(p["metrics"]["mean_kl"], 4),
+                        [(p["id"], p["kind"], p["metrics"]["positions"], format_value(p["metrics"]["mean_kl"], 4),
                           top1_cell(p["metrics"]), p["metrics"]["first_divergence"],
                           "pass" if p["metrics"]["passed"] else "FAIL") for p in measured])
         note = no_decisive_note(measured, thresholds)

@@ -18,17 +18,6 @@ from rich.text import Text
 
 from quantkit import api
 from quantkit.errors import QuantkitError
-from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS
-from quantkit.verify.report import (
-    RECOMMENDATION_HEADER,
-    floors_note,
-    no_decisive_note,
-    recommendation_rows,
-    serve_advice,
-    speed_memory_rows,
-    speed_trial_rows,
-    top1_cell,
-)
 
 app = typer.Typer(
     name="quantkit",
@@ -143,12 +132,13 @@ def quantize_command(
 
     Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --calib data/calib.jsonl
     """
-    settings = api.QuantSettings(group_size=group_size, clip=not no_clip, method=method)
+    config = api.QuantizeConfig(
+        calib=calib, calib_revision=calib_revision, calib_split=calib_split, text_field=text_field,
+        n_samples=n_samples, seq_len=seq_len, seed=seed,
+        settings=api.QuantSettings(group_size=group_size, clip=not no_clip, method=method),
+        device=device, backend=backend, max_shard_bytes=int(shard_size_gb * 2**30))
     with _layer_progress() as layer_done:
-        result = api.quantize(source, out, calib=calib, calib_revision=calib_revision, calib_split=calib_split,
-                              text_field=text_field, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                              settings=settings, device=device, force=force, backend=backend,
-                              max_shard_bytes=int(shard_size_gb * 2**30), on_layer_done=layer_done)
+        result = api.quantize(source, out, config, force=force, on_layer_done=layer_done)
     seconds = result.seconds
     resumed = f" (resumed at layer {result.resumed_from_layer})" if result.resumed_from_layer else ""
     typer.echo(f"quantized {len(result.layers)} layers on {result.device} in {seconds.get('layers_s', 0):.1f} s"
@@ -162,8 +152,6 @@ def quantize_command(
 
 def _print_static_report(report: api.StaticReport) -> None:
     """One row per check (✓ passed, ✗ failed, – skipped), then the size ratio and dequantization error."""
-    from quantkit.verify.static import size_reason
-
     table = Table(title=f"static checks: {report.folder}", title_justify="left")
     table.add_column("", width=1)
     table.add_column("check", no_wrap=True)
@@ -178,7 +166,7 @@ def _print_static_report(report: api.StaticReport) -> None:
     if summary.get("size_ratio") is not None:
         out.print(Text(f"size: {summary['release_bytes'] / 2**20:.1f} MiB = {summary['size_ratio']:.3f} x the "
                        f"{summary['size_basis']} ({summary['reference_bytes'] / 2**20:.1f} MiB): "
-                       f"{size_reason(summary['kept_16bit_share'])}"))
+                       f"{api.size_reason(summary['kept_16bit_share'])}"))
     if summary.get("rel_error_max") is not None:
         out.print(Text(f"dequantization error: max {summary['rel_error_max']:.4f} "
                        f"({summary['rel_error_worst']}), mean {summary['rel_error_mean']:.4f}"))
@@ -215,28 +203,28 @@ def _print_verify_report(report: api.VerifyReport) -> None:
         for prompt in report.prompts:
             m = prompt["metrics"]
             table.add_row(prompt["id"], prompt["kind"], str(m["positions"]), f"{m['mean_kl']:.3g}",
-                          top1_cell(m), "–" if m["first_divergence"] is None
+                          api.top1_cell(m), "–" if m["first_divergence"] is None
                           else str(m["first_divergence"]), f"{m['text_similarity']:.3f}",
                           Text("pass", style="green") if m["passed"] else Text("FAIL", style="bold red"))
         out.print(table)
-        note = no_decisive_note(report.prompts, report.thresholds)
+        note = api.no_decisive_note(report.prompts, report.thresholds)
         if note:
             out.print(Text(note, style="dim"))
     if report.variants.get("int4", {}).get("ok"):
         table = Table(title="vLLM", title_justify="left")
         for column in ("", "16-bit", "int4"):
             table.add_column(column)
-        for what, ref, quant in speed_memory_rows(report.variants):
+        for what, ref, quant in api.speed_memory_rows(report.variants):
             table.add_row(what, *(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in (ref, quant)))
         out.print(table)
     if report.speed_trials:
-        header, rows = speed_trial_rows(report.speed_trials)
+        header, rows = api.speed_trial_rows(report.speed_trials)
         _print_table(out, "vLLM setups (decode: median of repeated runs)", header, rows)
     if report.speed_recommendation:
-        _print_table(out, "fastest setup per batch size", RECOMMENDATION_HEADER,
-                     recommendation_rows(report.speed_recommendation))
-        for line in [floors_note(report.speed_recommendation), *serve_advice(report.speed_recommendation,
-                                                                              report.folder)]:
+        _print_table(out, "fastest setup per batch size", api.RECOMMENDATION_HEADER,
+                     api.recommendation_rows(report.speed_recommendation))
+        advice = api.serve_advice(report.speed_recommendation, report.folder)
+        for line in [api.floors_note(report.speed_recommendation), *advice]:
             if line and not line.startswith("```"):
                 out.print(Text(line))
     for label, variant in report.variants.items():
@@ -279,7 +267,7 @@ def verify_command(
         "--speed-trials", help="Engine starts for the vLLM setup trial after the two parity runs, in this order: "
         "int4 with vLLM's kernel choice disabled (Machete -> Marlin), the tiny stand-in (per-step floor), int4 "
         "with cudagraph_mode FULL_DECODE_ONLY, 16-bit with it. Kernel and CUDA-graph runs happen on a GPU only. "
-        "0: none.", min=0)] = DEFAULT_SPEED_TRIALS,
+        "0: none.", min=0)] = api.DEFAULT_SPEED_TRIALS,
 ) -> None:
     """Check a release folder before it is served or uploaded; exit 0 when every check passes, 1 otherwise.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,13 +32,14 @@ from quantkit.archs import ArchSpec, spec_for_config
 from quantkit.awq.quant import dequantize_gemm
 from quantkit.calib import BUILTIN_PYDOC, pydoc_topics, read_samples
 from quantkit.errors import InputError
+from quantkit.io.chores import write_text_atomically
 from quantkit.io.manifest import record_files
 from quantkit.io.model_loading import build_and_load, load_tokenizer
 from quantkit.io.portable import portable
+from quantkit.io.release import QUANT_SUFFIXES
 from quantkit.io.shards import read_config
 from quantkit.verify.report import EVAL_REPORT
 
-GEMM_SUFFIXES = (".qweight", ".qzeros", ".scales")
 DEFAULT_BLOCKS = 4
 """Blocks evaluated when no count is given (fewer when the text is shorter): a quick check, under a minute on
 2 busy CPU cores for the tiny stand-in, whose 151k-token lm_head costs ~40 GFLOP per 512-token block and model
@@ -82,12 +82,10 @@ class EvalReport:
     def save(self, folder: str | Path) -> Path:
         """Write EVAL_REPORT into `folder` (temporary name, then renamed): `verify` and the model card read it."""
         path = Path(folder) / EVAL_REPORT
-        temporary = path.with_name(path.name + ".tmp")
         # published with a release: local folders and files by their names only
         data = portable(self.as_dict(), [folder, self.model, self.reference, self.text_source])
         data |= {key: Path(getattr(self, key)).resolve().name for key in ("model", "reference") if getattr(self, key)}
-        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        write_text_atomically(path, json.dumps(data, indent=2) + "\n")
         record_files(Path(folder), [EVAL_REPORT])
         return path
 
@@ -128,12 +126,12 @@ def load_weights(folder: Path, dtype: torch.dtype, dequantize: bool) -> dict[str
         raw.update(load_file(str(file)))
     state: dict[str, torch.Tensor] = {}
     for name, tensor in raw.items():
-        if dequantize and name.endswith(GEMM_SUFFIXES):
+        if dequantize and name.rpartition(".")[2] in QUANT_SUFFIXES:
             if not name.endswith(".qweight"):
                 continue
             prefix = name.removesuffix(".qweight")
             try:
-                packed = {key: raw[f"{prefix}.{key}"] for key in ("qweight", "qzeros", "scales")}
+                packed = {key: raw[f"{prefix}.{key}"] for key in QUANT_SUFFIXES}
             except KeyError as err:
                 raise InputError(f"{folder}: {prefix} has a qweight but no {err.args[0]}; the release is broken.") from err
             state[f"{prefix}.weight"] = dequantize_gemm(**packed).to(dtype)

@@ -31,7 +31,15 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from quantkit.errors import HubError, InputError
-from quantkit.io.manifest import MANIFEST_NAME, file_entries, listed_files, read_manifest, write_manifest
+from quantkit.io.chores import format_size
+from quantkit.io.manifest import (
+    MANIFEST_NAME,
+    file_entries,
+    listed_files,
+    manifest_sections,
+    read_manifest,
+    write_manifest,
+)
 
 FREE_SPACE_ENV = "QUANTKIT_FREE_SPACE_BYTES"
 """Overrides the free bytes the pre-download check sees: for quota'd or network filesystems whose statvfs
@@ -101,7 +109,7 @@ def download(
 
     api = HfApi(endpoint=endpoint, token=token)
     endpoint_url = api.endpoint
-    with _hub_errors(api, repo_id, revision, token):
+    with hub_errors(api, repo_id, revision, token):
         # model_info fails at once when the endpoint is unreachable (resolve_revision would fall back on a
         # cached ref and the listing below would then retry for ~20 s). resolve_revision pins every later
         # request to one commit and records branch -> commit in the cache's refs/ for HF_HUB_OFFLINE=1.
@@ -173,7 +181,7 @@ def download(
 
 
 @contextmanager
-def _hub_errors(api: HfApi, repo_id: str, revision: str, token: str | None) -> Iterator[None]:
+def hub_errors(api: HfApi, repo_id: str, revision: str, token: str | None) -> Iterator[None]:
     """Turn huggingface_hub's refusals into one-line errors that name the next step. A mirror such as olah
     answers 401 both for an unknown repo and for an unknown revision (the real Hub raises
     RevisionNotFoundError for the latter), so on any refusal the repo's refs are asked for: if they come
@@ -249,8 +257,7 @@ def _manifest_sections(folder: Path, source: dict[str, Any], remote_code: dict[s
     shipped = read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else None
     if shipped is None or "quantization" not in shipped:
         return {"source": source, "remote_code": remote_code}
-    kept = {key: value for key, value in shipped.items() if key not in ("schema_version", "created", "files")}
-    return {**kept, "download": source, "remote_code": remote_code}
+    return {**manifest_sections(shipped), "download": source, "remote_code": remote_code}
 
 
 def _same_download(manifest: dict[str, Any], source: dict[str, Any], folder: Path) -> bool:
@@ -320,7 +327,7 @@ def _check_free_space(
     free = int(override) if override else shutil.disk_usage(probe).free
     if needed > free:
         raise HubError(
-            f"{repo_id}@{commit[:12]} needs {_gib(needed)} more in {folder} but only {_gib(free)} is "
+            f"{repo_id}@{commit[:12]} needs {format_size(needed)} more in {folder} but only {format_size(free)} is "
             "free there; free some space, choose another --out, or narrow the files with "
             "--include / --exclude"
         )
@@ -342,7 +349,7 @@ def _remove_stale_partials(partials_dir: Path) -> list[str]:
     if not stale:
         return []
     return [
-        f"removed {len(stale)} partial files ({_gib(freed)}) an interrupted download left in {partials_dir}"
+        f"removed {len(stale)} partial files ({format_size(freed)}) an interrupted download left in {partials_dir}"
     ]
 
 
@@ -483,7 +490,3 @@ def _describe(patterns: dict[str, list[str] | None]) -> str:
 def _one_line(err: BaseException) -> str:
     """huggingface_hub's messages span several lines; the CLI prints errors as one."""
     return " ".join(str(err).split())
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

@@ -1,7 +1,8 @@
-"""`quantize()`: source folder -> calibration -> AWQ engine layer by layer -> vLLM-ready release folder.
+"""`quantize()`: source folder -> calibration -> a backend, layer by layer -> vLLM-ready release folder.
 
-The orchestration around the pure-torch engine: loading, device placement, the resumable work folder,
-progress, and handing the result to the save layer.
+The orchestration around the engines: loading, device placement, the resumable work folder, progress, and
+handing the quantized layers to the save layer. Both backends (the native engine, upstream AutoAWQ) return the
+same `QuantizedLayers`; one tail writes the release from them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +23,42 @@ from quantkit.awq.engine import (
     LayerInputs,
     LayerReport,
     LayerResult,
-    _to_device,
     capture_layer_inputs,
     move_outside_layers,
     quantize_layers,
+    to_device,
 )
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, CalibrationSet, load_calibration, micro_batches
 from quantkit.errors import DependencyError, InputError
 from quantkit.io.checkpoint import LayerCheckpoints
 from quantkit.io.model_loading import load_model, load_tokenizer
+from quantkit.io.release import write_release
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything `quantize()` does to a source besides where it writes: calibration, the AWQ settings, device,
+    backend and shard size. The defaults are the recommended release."""
+
+    calib: str = BUILTIN_PYDOC
+    """A .txt/.jsonl/.parquet file, a folder of them, a `datasets` id ORG/NAME[:CONFIG], or builtin:pydoc."""
+    calib_revision: str | None = None
+    calib_split: str = "train"
+    text_field: str = "text"
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    """Seed of the calibration sampling."""
+    settings: QuantSettings = field(default_factory=QuantSettings)
+    device: str = "auto"
+    backend: str = "native"
+    """native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the reference)."""
+    max_shard_bytes: int = 4 * 2**30
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"backend {self.backend!r}: use {' or '.join(map(repr, BACKENDS))}.")
 
 
 @dataclass
@@ -114,7 +142,7 @@ def calibration_forwards(model: torch.nn.Module, spec: ArchSpec, source: Path, c
         processor = spec.load_processor(source)
         for sample in calib.multimodal:
             images = [Image.open(p).convert("RGB") for p in sample.images]
-            kwargs = _cast_floats(_to_device(processor(sample.text, images), device), dtype)
+            kwargs = _cast_floats(to_device(processor(sample.text, images), device), dtype)
             forwards.append(lambda kwargs=kwargs: model(**kwargs))
     return forwards
 
@@ -129,64 +157,114 @@ def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+@dataclass
+class QuantizedLayers:
+    """What a backend hands the release writer: every decoder layer's new state and what was chosen for it."""
+
+    tensors: dict[str, torch.Tensor]
+    """`write_release`'s `layer_tensors`: full names under `{spec.decoder_layers}.{i}.`, on the CPU."""
+    reports: list[dict[str, Any]]
+    """One `LayerReport` (as a dict) per layer, in layer order."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """The backend's own entries of the manifest's `quantization` section (its version, where it resumed)."""
+    resumed_from_layer: int = 0
+    peak_gpu_gib: float | None = None
+
+
+@dataclass
+class _Job:
+    """One quantize call as the backends see it (calibration already loaded)."""
+
+    source: Path
+    out: Path
+    spec: ArchSpec
+    config: QuantizeConfig
+    calibration: CalibrationSet
+    device: torch.device
+    dtype: torch.dtype
+    timings: dict[str, float]
+    on_layer_done: Callable[[LayerReport, int], None] | None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to quantize the decoder layers: `check` fails before any work when it cannot run with a device
+    and settings; `layers` yields the quantized layers while the release is written from them."""
+
+    check: Callable[[torch.device, QuantSettings], None]
+    layers: Callable[[_Job], AbstractContextManager[QuantizedLayers]]
+
+
 def quantize(
     source: str | Path,
     out: str | Path,
+    config: QuantizeConfig | None = None,
     *,
-    calib: str = BUILTIN_PYDOC,
-    calib_revision: str | None = None,
-    calib_split: str = "train",
-    text_field: str = "text",
-    n_samples: int = 128,
-    seq_len: int = 512,
-    seed: int = 0,
-    settings: QuantSettings | None = None,
-    device: str = "auto",
     force: bool = False,
-    max_shard_bytes: int = 4 * 2**30,
     on_layer_done: Callable[[LayerReport, int], None] | None = None,
     manifest_extra: dict[str, Any] | None = None,
-    backend: str = "native",
+    **options: Any,
 ) -> QuantizeResult:
-    """AWQ-quantize `source` (a 16-bit Hugging Face folder) into the release folder `out`.
+    """AWQ-quantize `source` (a 16-bit Hugging Face folder) into the release folder `out`, as `config` says.
 
-    Resumes a killed run with the same arguments from its last finished layer (bit-identical result).
-    `on_layer_done(report, n_layers)` is called after each layer (progress bars). `manifest_extra`: more
-    manifest sections (e.g. the recipe that asked for this release), written in the same atomic rename.
-    `backend="autoawq"` runs upstream AutoAWQ 0.2.9 from the same arch spec instead of the native engine
-    (the reference the native engine is checked against; not resumable) and writes the same folder format.
+    Instead of `config`, its fields may be given as keywords (`calib=`, `n_samples=`, `settings=`, `device=`,
+    `backend=`, ...), which build one. Resumes a killed native run with the same config from its last finished
+    layer (bit-identical result). `on_layer_done(report, n_layers)` is called after each layer (progress bars).
+    `manifest_extra`: more manifest sections (e.g. the recipe that asked for this release), written in the same
+    atomic rename. `backend="autoawq"` runs upstream AutoAWQ 0.2.9 from the same arch spec instead of the native
+    engine (the reference the native engine is checked against; not resumable) and writes the same folder.
     """
-    from quantkit.io.release import write_release
-
-    settings = settings or QuantSettings()
+    if config is not None and options:
+        raise TypeError(f"quantize() takes a config or its fields as keywords, not both ({', '.join(options)})")
+    config = config or QuantizeConfig(**options)
     source, out = Path(source), Path(out)
-    config, spec = read_source_config(source)
+    source_config, spec = read_source_config(source)
     if out.exists() and not force:
         raise InputError(f"output folder {out} already exists; pass --force to replace it.")
-    dev = resolve_device(device)
-    dtype = compute_dtype(config, dev)
-    if backend == "autoawq":
-        from quantkit.awq.autoawq_backend import check_available
+    dev = resolve_device(config.device)
+    dtype = compute_dtype(source_config, dev)
+    backend = BACKENDS[config.backend]
+    backend.check(dev, config.settings)
 
-        check_available(dev, settings)
-    elif backend != "native":
-        raise InputError(f"backend {backend!r}: use 'native' or 'autoawq'.")
     timings: dict[str, float] = {}
-
     started = time.perf_counter()
     tokenizer = load_tokenizer(source, spec)
-    calibration = load_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                                   revision=calib_revision, split=calib_split, text_field=text_field)
+    calibration = load_calibration(config.calib, tokenizer, n_samples=config.n_samples, seq_len=config.seq_len,
+                                   seed=config.seed, revision=config.calib_revision, split=config.calib_split,
+                                   text_field=config.text_field)
     timings["calibration_s"] = time.perf_counter() - started
-    if backend == "autoawq":
-        return _quantize_with_autoawq(source, out, spec, calibration, settings, dev, dtype, timings, force=force,
-                                      max_shard_bytes=max_shard_bytes, on_layer_done=on_layer_done, seed=seed,
-                                      manifest_extra=manifest_extra)
 
-    checkpoints = LayerCheckpoints(work_folder(out), job_fingerprint(source, settings, calibration, dev, dtype))
+    job = _Job(source, out, spec, config, calibration, dev, dtype, timings, on_layer_done)
+    with backend.layers(job) as layers:
+        started = time.perf_counter()
+        result = QuantizeResult(out_dir=out, layers=layers.reports, calibration=calibration.describe(),
+                                seconds=timings, resumed_from_layer=layers.resumed_from_layer, device=str(dev),
+                                peak_gpu_gib=layers.peak_gpu_gib)
+        write_release(
+            source, out, layers.tensors, spec, config.settings, force=force, max_shard_bytes=config.max_shard_bytes,
+            manifest_extra={
+                "quantization": {"backend": config.backend, **layers.record, "settings": config.settings.as_dict(),
+                                 "seed": config.seed, "device": str(dev),
+                                 "compute_dtype": str(dtype).removeprefix("torch."), "seconds": timings,
+                                 "layers": layers.reports},
+                "calibration": calibration.describe(),
+                **(manifest_extra or {}),
+            },
+        )
+        timings["save_s"] = time.perf_counter() - started
+    return result
+
+
+@contextmanager
+def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
+    """The native engine over the model held on the CPU, each finished layer saved to the work folder (a killed
+    run resumes there); the folder is removed once the release is written, kept if anything fails."""
+    spec, dev, timings = job.spec, job.device, job.timings
+    checkpoints = LayerCheckpoints(work_folder(job.out),
+                                   job_fingerprint(job.source, job.config.settings, job.calibration, dev, job.dtype))
     try:
         started = time.perf_counter()
-        model = load_model(source, spec, dtype)
+        model = load_model(job.source, spec, job.dtype)
         timings["load_s"] = time.perf_counter() - started
         n_layers = len(model.get_submodule(spec.decoder_layers))
         start = checkpoints.completed_layers
@@ -194,27 +272,28 @@ def quantize(
         started = time.perf_counter()
         if start == 0:
             move_outside_layers(model, spec, dev)
-            forwards = calibration_forwards(model, spec, source, calibration, settings, dev, dtype)
+            forwards = calibration_forwards(model, spec, job.source, job.calibration, job.config.settings, dev,
+                                            job.dtype)
             inputs = capture_layer_inputs(model, spec, forwards, dev)
             move_outside_layers(model, spec, "cpu")
             checkpoints.save_kwargs(inputs.kwargs)
         elif start < n_layers:
             inputs = LayerInputs(hidden=[h.to(dev) for h in checkpoints.load_inputs(start)],
-                                 kwargs=_to_device(checkpoints.load_kwargs(), dev))
+                                 kwargs=to_device(checkpoints.load_kwargs(), dev))
         timings["capture_s"] = time.perf_counter() - started
 
         def layer_done(result: LayerResult, next_hidden: list[torch.Tensor]) -> None:
             last = result.report.index == n_layers - 1
             checkpoints.save_layer(result.report.index, result.tensors, [] if last else next_hidden,
                                    asdict(result.report))
-            if on_layer_done is not None:
-                on_layer_done(result.report, n_layers)
+            if job.on_layer_done is not None:
+                job.on_layer_done(result.report, n_layers)
 
         started = time.perf_counter()
         if start < n_layers:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            quantize_layers(model, spec, settings, inputs, dev, start=start, on_layer_done=layer_done)
+            quantize_layers(model, spec, job.config.settings, inputs, dev, start=start, on_layer_done=layer_done)
             del inputs
         checkpoints.flush()
         timings["layers_s"] = time.perf_counter() - started
@@ -226,53 +305,37 @@ def quantize(
                 layer_tensors[f"{spec.layer_prefix(index)}.{name}"] = tensor
         reports = [checkpoints.reports()[str(i)] for i in range(n_layers)]
         del model
-
-        started = time.perf_counter()
-        result = QuantizeResult(out_dir=out, layers=reports, calibration=calibration.describe(), seconds=timings,
-                                resumed_from_layer=start, device=str(dev), peak_gpu_gib=peak)
-        write_release(
-            source, out, layer_tensors, spec, settings, force=force, max_shard_bytes=max_shard_bytes,
-            manifest_extra={
-                "quantization": {"backend": "native", "settings": settings.as_dict(), "seed": seed,
-                                 "device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."),
-                                 "resumed_from_layer": start, "seconds": timings, "layers": reports},
-                "calibration": calibration.describe(),
-                **(manifest_extra or {}),
-            },
-        )
-        timings["save_s"] = time.perf_counter() - started
+        yield QuantizedLayers(tensors=layer_tensors, reports=reports, record={"resumed_from_layer": start},
+                              resumed_from_layer=start, peak_gpu_gib=peak)
     except BaseException:
         checkpoints.close(remove=False)
         raise
     checkpoints.close(remove=True)
-    return result
 
 
-def _quantize_with_autoawq(source: Path, out: Path, spec: ArchSpec, calibration: CalibrationSet,
-                           settings: QuantSettings, dev: torch.device, dtype: torch.dtype, timings: dict[str, float],
-                           *, force: bool, max_shard_bytes: int,
-                           on_layer_done: Callable[[LayerReport, int], None] | None, seed: int,
-                           manifest_extra: dict[str, Any] | None) -> QuantizeResult:
-    """`quantize(backend="autoawq")`: AutoAWQ's own layer loop over the model held in memory (no work folder),
-    then the same release writer. Plain causal LMs calibrate through AutoAWQ's own capture of the token
-    blocks; MiniCPM-V (and image samples) through quantkit's forwards, the real vision path included."""
+@contextmanager
+def _autoawq_layers(job: _Job) -> Iterator[QuantizedLayers]:
+    """AutoAWQ's own layer loop over the model held in memory (no work folder). Plain causal LMs calibrate
+    through AutoAWQ's own capture of the token blocks; MiniCPM-V (and image samples) through quantkit's
+    forwards, the real vision path included."""
     from quantkit.awq.autoawq_backend import AUTOAWQ_VERSION, capture_for_autoawq, quantize_with_autoawq
-    from quantkit.io.release import write_release
 
+    spec, timings, on_layer_done = job.spec, job.timings, job.on_layer_done
     started = time.perf_counter()
-    model = load_model(source, spec, dtype)
+    model = load_model(job.source, spec, job.dtype)
     timings["load_s"] = time.perf_counter() - started
     n_layers = len(model.get_submodule(spec.decoder_layers))
     started = time.perf_counter()
-    blocks, capture = calibration.blocks, None
-    if spec.language_model or calibration.multimodal:
-        forwards = calibration_forwards(model, spec, source, calibration, settings, dev, dtype)
-        blocks, capture = None, capture_for_autoawq(model, spec, forwards, calibration.seq_len, dev)
+    blocks, capture = job.calibration.blocks, None
+    if spec.language_model or job.calibration.multimodal:
+        forwards = calibration_forwards(model, spec, job.source, job.calibration, job.config.settings, job.device,
+                                        job.dtype)
+        blocks, capture = None, capture_for_autoawq(model, spec, forwards, job.calibration.seq_len, job.device)
     timings["capture_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     results = quantize_with_autoawq(
-        model, spec, settings, blocks=blocks, capture=capture,
+        model, spec, job.config.settings, blocks=blocks, capture=capture,
         on_layer_done=None if on_layer_done is None else lambda result: on_layer_done(result.report, n_layers))
     timings["layers_s"] = time.perf_counter() - started
     layer_tensors = {f"{spec.layer_prefix(r.report.index)}.{name}": tensor
@@ -280,19 +343,21 @@ def _quantize_with_autoawq(source: Path, out: Path, spec: ArchSpec, calibration:
     reports = [asdict(r.report) for r in results]
     peaks = [r.report.peak_gpu_bytes for r in results if r.report.peak_gpu_bytes is not None]
     del model, results
+    yield QuantizedLayers(tensors=layer_tensors, reports=reports, record={"autoawq_version": AUTOAWQ_VERSION},
+                          peak_gpu_gib=max(peaks) / 2**30 if peaks else None)
 
-    started = time.perf_counter()
-    write_release(
-        source, out, layer_tensors, spec, settings, force=force, max_shard_bytes=max_shard_bytes,
-        manifest_extra={
-            "quantization": {"backend": "autoawq", "autoawq_version": AUTOAWQ_VERSION,
-                             "settings": settings.as_dict(), "device": str(dev),
-                             "compute_dtype": str(dtype).removeprefix("torch."), "seconds": timings,
-                             "seed": seed, "layers": reports},
-            "calibration": calibration.describe(),
-            **(manifest_extra or {}),
-        },
-    )
-    timings["save_s"] = time.perf_counter() - started
-    return QuantizeResult(out_dir=out, layers=reports, calibration=calibration.describe(), seconds=timings,
-                          device=str(dev), peak_gpu_gib=max(peaks) / 2**30 if peaks else None)
+
+def _no_check(device: torch.device, settings: QuantSettings) -> None:
+    """The native engine runs on any torch device with any valid settings."""
+
+
+def _autoawq_check(device: torch.device, settings: QuantSettings) -> None:
+    from quantkit.awq.autoawq_backend import check_available
+
+    check_available(device, settings)
+
+
+BACKENDS: dict[str, Backend] = {
+    "native": Backend(check=_no_check, layers=_native_layers),
+    "autoawq": Backend(check=_autoawq_check, layers=_autoawq_layers),
+}

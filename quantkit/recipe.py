@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, TABLE_SUFFIXES, TEXT_SUFFIXES
 from quantkit.errors import InputError
+from quantkit.io.chores import read_json, write_text_atomically
 from quantkit.io.manifest import hash_file
 from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS
 from quantkit.verify.parity import ParityThresholds
@@ -58,7 +59,7 @@ class _Section(BaseModel):
 
 
 class StandinSource(_Section):
-    """The random-weight MiniCPM-V 2.6 stand-in (quantkit.testing.standin), built instead of downloaded."""
+    """The random-weight MiniCPM-V 2.6 stand-in (quantkit.standin), built instead of downloaded."""
 
     size: Literal["tiny", "real"] = "tiny"
     seed: int = 0
@@ -427,17 +428,9 @@ def write_lock(folder: Path, document: dict[str, Any]) -> Path:
     """Write `quantkit-lock.json` (temporary name, then rename) with the schema version and time stamp added."""
     lock = {"schema_version": LOCK_SCHEMA_VERSION, "written": datetime.now(UTC).isoformat(timespec="seconds"),
             **document}
-    path = folder / LOCK_NAME
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(lock, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomically(folder / LOCK_NAME, json.dumps(lock, indent=2, default=str) + "\n")
 
 
 def read_lock(folder: Path) -> dict[str, Any] | None:
     """The lock of a release folder, or None when it has none or it is unreadable (a re-run rewrites it)."""
-    try:
-        lock = json.loads((folder / LOCK_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return lock if isinstance(lock, dict) else None
+    return read_json(folder / LOCK_NAME)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import DependencyError, HubError, InputError, QuantkitError, VerifyError
+from quantkit.io.chores import format_size, read_json
 from quantkit.io.manifest import MANIFEST_NAME, read_manifest, record_files, write_manifest
 from quantkit.io.portable import portable
 from quantkit.recipe import (
@@ -42,7 +43,6 @@ from quantkit.recipe import (
     write_lock,
 )
 
-STAGES = ("download", "quantize", "verify", "card", "upload")
 _GENERATED = {LOCK_NAME, MANIFEST_NAME, "README.md", "verify-report.json", "verify-report.md", "eval-report.json"}
 """Files of a release written after quantize: not part of what verify checks against its fingerprint."""
 QUANTIZE_OVERHEAD = 1.32
@@ -187,10 +187,6 @@ def estimate_quantize_memory(config: dict[str, Any], n_samples: int, seq_len: in
             "peak": max(layer_phase, capture_phase) * QUANTIZE_OVERHEAD}
 
 
-def _gib(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-
-
 # --- the run ------------------------------------------------------------------------------------------------
 
 
@@ -212,7 +208,6 @@ class _Run:
         self.records: dict[str, StageRecord] = {}
         self.resolved: dict[str, Any] = {}
         self.remote_sizes: int | None = None
-        self.remote_config: dict[str, Any] | None = None
         self.use_vllm, self.parity_note = _parity_mode(loaded)
 
     # -- checks before any heavy work
@@ -221,19 +216,16 @@ class _Run:
         """Every cheap check, in the order a user would fix them; returns warnings."""
         recipe, loaded, warnings = self.recipe, self.loaded, list(self.loaded.warnings)
         if "quantize" in selected and not dry_run:
-            from quantkit.quantize import resolve_device
+            from quantkit.quantize import BACKENDS, resolve_device
 
             try:
                 device = resolve_device(recipe.quantization.device)
             except QuantkitError as err:
                 raise type(err)(f"{loaded.where('quantization.device')}: {err}") from None
-            if recipe.quantization.backend == "autoawq":
-                from quantkit.awq.autoawq_backend import check_available
-
-                try:
-                    check_available(device, recipe.settings())
-                except QuantkitError as err:
-                    raise type(err)(f"{loaded.where('quantization.backend')}: {err}") from None
+            try:
+                BACKENDS[recipe.quantization.backend].check(device, recipe.settings())
+            except QuantkitError as err:
+                raise type(err)(f"{loaded.where('quantization.backend')}: {err}") from None
         if "verify" in selected and recipe.verify.vllm == "required" and not self.use_vllm:
             from quantkit.verify.pipeline import VLLM_INSTALL_HINT
 
@@ -284,7 +276,7 @@ class _Run:
         the folder already holds that exact commit (offline re-runs) or HF_HUB_OFFLINE is set."""
         from huggingface_hub import HfApi, is_offline_mode
 
-        from quantkit.hub import _hub_errors
+        from quantkit.hub import hub_errors
 
         source = self.recipe.source
         assert source.repo is not None and source.revision is not None
@@ -292,7 +284,7 @@ class _Run:
             return
         api = HfApi(endpoint=self.endpoint, token=self.token)
         try:
-            with _hub_errors(api, source.repo, source.revision, self.token):
+            with hub_errors(api, source.repo, source.revision, self.token):
                 info = api.model_info(source.repo, revision=source.revision, files_metadata=True)
         except HubError as err:
             raise HubError(f"{self.loaded.where('source.revision')}: {err}") from None
@@ -341,7 +333,7 @@ class _Run:
             elif stage not in selected:
                 items.append(PlanItem(stage, "not selected", "outside --from/--until"))
             else:
-                items.append(getattr(self, f"_plan_{stage}")())
+                items.append(STAGE_STEPS[stage].plan(self))
         return items
 
     def _plan_download(self) -> PlanItem:
@@ -349,23 +341,24 @@ class _Run:
             return PlanItem("download", "skip", f"{self.source} already holds {self._wanted()}")
         details = [f"into {self.source}"]
         if self.recipe.source.standin is not None:
-            from quantkit.testing.standin import REAL, TINY, weight_specs
+            from quantkit.standin import REAL, TINY, weight_specs
 
             size = TINY if self.recipe.source.standin.size == "tiny" else REAL
-            details.append(f"weights {_gib(sum(spec.numel for spec in weight_specs(size)) * 2)} (bf16)")
+            details.append(f"weights {format_size(sum(spec.numel for spec in weight_specs(size)) * 2)} (bf16)")
             return PlanItem("download", "run", "build the stand-in", details)
         if self.remote_sizes is not None:
-            details.append(f"{_gib(self.remote_sizes)} to fetch at most")
+            details.append(f"{format_size(self.remote_sizes)} to fetch at most")
         return PlanItem("download", "run", f"fetch {self._wanted()}", details)
 
     def _source_config(self) -> dict[str, Any] | None:
+        """The source's config.json, or the stand-in's before it is built; None for a model not downloaded yet."""
         if (self.source / "config.json").is_file():
             return json.loads((self.source / "config.json").read_text())
         if self.recipe.source.standin is not None:
-            from quantkit.testing.standin import REAL, TINY, real_config
+            from quantkit.standin import REAL, TINY, real_config
 
             return real_config(TINY if self.recipe.source.standin.size == "tiny" else REAL)
-        return self.remote_config
+        return None
 
     def _plan_quantize(self) -> PlanItem:
         calibration = self.recipe.calibration
@@ -376,8 +369,8 @@ class _Run:
         if config is not None:
             memory = estimate_quantize_memory(config, calibration.n_samples, calibration.seq_len,
                                               self.recipe.quantization.max_batch_tokens)
-            details.append(f"estimated peak GPU memory {_gib(memory['peak'])} (layer phase "
-                           f"{_gib(memory['layer_phase'])}, capture phase {_gib(memory['capture_phase'])}; "
+            details.append(f"estimated peak GPU memory {format_size(memory['peak'])} (layer phase "
+                           f"{format_size(memory['layer_phase'])}, capture phase {format_size(memory['capture_phase'])}; "
                            "on a CPU this is host memory)")
         else:
             details.append("GPU memory estimate: unknown until config.json is downloaded")
@@ -417,10 +410,7 @@ class _Run:
         if manifest is None or self.force or record.get("fingerprint") != verify_fingerprint(
                 self.loaded, manifest, self.use_vllm):
             return False
-        try:
-            report = json.loads((self.release / "verify-report.json").read_text())
-        except (OSError, ValueError):
-            return False
+        report = read_json(self.release / "verify-report.json") or {}
         return report.get("verdict") == "PASS" and (manifest.get("verify") or {}).get("verdict") == "PASS"
 
     def stage_download(self) -> StageRecord:
@@ -443,7 +433,7 @@ class _Run:
 
     def _build_standin(self) -> StageRecord:
         """Build the stand-in next to its final place and rename it in, with a manifest naming size and seed."""
-        from quantkit.testing.standin import REAL, TINY, build_standin
+        from quantkit.standin import REAL, TINY, build_standin
 
         standin = self.recipe.source.standin
         assert standin is not None
@@ -455,7 +445,7 @@ class _Run:
         try:
             build_standin(building, TINY if standin.size == "tiny" else REAL, seed=standin.seed)
             write_manifest(building, {"source": {"standin": standin.model_dump(),
-                                                 "builder": "quantkit.testing.standin"}})
+                                                 "builder": "quantkit.standin"}})
             if self.source.exists():
                 shutil.rmtree(self.source)
             building.rename(self.source)
@@ -465,7 +455,7 @@ class _Run:
         return StageRecord("download", "ran", f"built stand-in {standin.model_dump()}")
 
     def stage_quantize(self) -> StageRecord:
-        from quantkit.quantize import quantize
+        from quantkit.quantize import QuantizeConfig, quantize
 
         source_manifest = read_manifest(self.source)
         assert source_manifest is not None
@@ -475,13 +465,13 @@ class _Run:
             return StageRecord("quantize", "skipped", f"{self.release} already holds this release")
         recipe, calibration = self.recipe, self.recipe.calibration
         ref = self.loaded.calibration()
+        config = QuantizeConfig(
+            calib=ref.value, calib_revision=calibration.revision, calib_split=calibration.split,
+            text_field=calibration.text_field, n_samples=calibration.n_samples, seq_len=calibration.seq_len,
+            seed=calibration.seed, settings=recipe.settings(), device=recipe.quantization.device,
+            backend=recipe.quantization.backend, max_shard_bytes=int(recipe.output.shard_size_gb * 2**30))
         result = quantize(
-            self.source, self.release, calib=ref.value, calib_revision=calibration.revision,
-            calib_split=calibration.split, text_field=calibration.text_field, n_samples=calibration.n_samples,
-            seq_len=calibration.seq_len, seed=calibration.seed, settings=recipe.settings(),
-            device=recipe.quantization.device, force=self.release.exists(),
-            max_shard_bytes=int(recipe.output.shard_size_gb * 2**30), on_layer_done=self.on_layer_done,
-            backend=recipe.quantization.backend,
+            self.source, self.release, config, force=self.release.exists(), on_layer_done=self.on_layer_done,
             manifest_extra={"recipe": {"name": recipe.name, "sha256": self.loaded.sha256,
                                        "release": recipe.release, "quantize": fingerprint}},
         )
@@ -604,6 +594,25 @@ class _Run:
         return path
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: `plan` says what it will do (the plan, --dry-run), `run` does it or skips it."""
+
+    plan: Callable[[_Run], PlanItem]
+    run: Callable[[_Run], StageRecord]
+
+
+STAGE_STEPS: dict[str, Stage] = {
+    "download": Stage(plan=_Run._plan_download, run=_Run.stage_download),
+    "quantize": Stage(plan=_Run._plan_quantize, run=_Run.stage_quantize),
+    "verify": Stage(plan=_Run._plan_verify, run=_Run.stage_verify),
+    "card": Stage(plan=_Run._plan_card, run=_Run.stage_card),
+    "upload": Stage(plan=_Run._plan_upload, run=_Run.stage_upload),
+}
+STAGES = tuple(STAGE_STEPS)
+"""The stages in the order a run goes through them."""
+
+
 def selected_stages(from_stage: str | None, until_stage: str | None, has_upload: bool) -> list[str]:
     """The stages between --from and --until (inclusive); upload only when the recipe has a target."""
     for name, value in (("--from", from_stage), ("--until", until_stage)):
@@ -651,7 +660,7 @@ def run(
         for stage in selected:
             event(f"{stage}: starting")
             started = time.perf_counter()
-            record = getattr(state, f"stage_{stage}")()
+            record = STAGE_STEPS[stage].run(state)
             record.seconds = time.perf_counter() - started
             state.records[stage] = record
             event(f"{stage}: {record.status} ({record.reason}) in {record.seconds:.1f} s")

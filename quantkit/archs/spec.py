@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,14 @@ class ScalingGroup:
     inspect: str | None = None
     inspect_takes_layer_kwargs: bool = False
     only_if_shapes_match: bool = False
+
+    def applies(self, weight_shape: Callable[[str], Sequence[int]]) -> bool:
+        """Whether AWQ scales this group in a layer whose linear `name` has weight shape `weight_shape(name)`
+        (a module tree or a checkpoint's headers answer it alike)."""
+        if not self.only_if_shapes_match:
+            return True
+        shape = tuple(weight_shape(self.prev))
+        return all(tuple(weight_shape(name)) == shape for name in self.linears)
 
 
 @dataclass(frozen=True)

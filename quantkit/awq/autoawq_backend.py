@@ -36,7 +36,6 @@ from quantkit.archs.spec import ArchSpec
 from quantkit.awq.engine import (
     LayerReport,
     LayerResult,
-    _group_applies,
     capture_layer_inputs,
     move_outside_layers,
 )
@@ -125,7 +124,7 @@ def _build_model_definition(spec: ArchSpec) -> type:
     def get_layers_for_scaling(module: nn.Module, input_feat: dict, module_kwargs: dict) -> list[dict]:
         entries = []
         for group in spec.scaling_groups:
-            if not _group_applies(module, group):
+            if not group.applies(lambda name: module.get_submodule(name).weight.shape):
                 continue
             entry = {
                 "prev_op": module.get_submodule(group.prev),

@@ -39,10 +39,6 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
 
-    @property
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
 
 @dataclass
 class LayerReport:
@@ -77,13 +73,14 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (nested in tuples, lists, dicts) detached and moved to `device`."""
     if isinstance(value, torch.Tensor):
         return value.detach().to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -117,7 +114,7 @@ def capture_layer_inputs(
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         captured.hidden.append(hidden.detach().to(device))
-        captured.kwargs.append(_to_device({k: v for k, v in kwargs.items()}, torch.device(device)))
+        captured.kwargs.append(to_device({k: v for k, v in kwargs.items()}, torch.device(device)))
         raise _StopForward
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
@@ -136,10 +133,7 @@ def capture_layer_inputs(
 
 
 def _group_applies(layer: nn.Module, group: ScalingGroup) -> bool:
-    if not group.only_if_shapes_match:
-        return True
-    prev = layer.get_submodule(group.prev)
-    return all(layer.get_submodule(n).weight.shape == prev.weight.shape for n in group.linears)
+    return group.applies(lambda name: layer.get_submodule(name).weight.shape)
 
 
 @torch.no_grad()

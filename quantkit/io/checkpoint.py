@@ -8,7 +8,6 @@ from the last layer whose files are complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,13 +16,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantkit.io.chores import read_json, replacing, write_text_atomically
+
 STATE_FILE = "state.json"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as temporary:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
 
 
 class LayerCheckpoints:
@@ -43,15 +43,10 @@ class LayerCheckpoints:
         self._write_state()
 
     def _read_state(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.folder / STATE_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_json(self.folder / STATE_FILE) or {}
 
     def _write_state(self) -> None:
-        tmp = self.folder / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self._state, indent=1))
-        os.replace(tmp, self.folder / STATE_FILE)
+        write_text_atomically(self.folder / STATE_FILE, json.dumps(self._state, indent=1))
 
     @property
     def completed_layers(self) -> int:

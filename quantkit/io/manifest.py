@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import InputError
+from quantkit.io.chores import write_text_atomically
 
 MANIFEST_NAME = "quantkit-manifest.json"
 SCHEMA_VERSION = 1
@@ -74,11 +74,7 @@ def write_manifest(
         **extra,
         "files": sorted(files, key=lambda entry: entry["path"]) if files is not None else file_entries(root),
     }
-    path = root / MANIFEST_NAME
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomically(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -98,15 +94,21 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def record_files(folder: Path, names: list[str]) -> None:
-    """List `names` in the folder's manifest with fresh {size, sha256}, keeping every other entry as it was.
-    A folder without a manifest is left without one (there is nothing to keep consistent)."""
+def record_files(folder: Path, names: list[str], sections: dict[str, Any] | None = None) -> None:
+    """List `names` in the folder's manifest with fresh {size, sha256}, keeping every other entry as it was
+    (not re-hashed), and set `sections` (e.g. `verify`) over the manifest's own. A folder without a manifest
+    is left without one (there is nothing to keep consistent)."""
     manifest = read_manifest(folder)
     if manifest is None:
         return
     fresh = file_entries(folder, names)
-    if all(entry in manifest["files"] for entry in fresh):
+    unchanged = all(manifest.get(key) == value for key, value in (sections or {}).items())
+    if unchanged and all(entry in manifest["files"] for entry in fresh):
         return
     kept = [entry for entry in manifest["files"] if entry.get("path") not in names]
-    sections = {k: v for k, v in manifest.items() if k not in ("schema_version", "created", "files")}
-    write_manifest(folder, sections, kept + fresh)
+    write_manifest(folder, {**manifest_sections(manifest), **(sections or {})}, kept + fresh)
+
+
+def manifest_sections(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The writer's sections of a manifest: everything but the keys `write_manifest` fills in itself."""
+    return {key: value for key, value in manifest.items() if key not in _RESERVED_KEYS}

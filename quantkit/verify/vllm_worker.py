@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from quantkit.io.chores import write_text_atomically
 from quantkit.verify.prompts import IMAGE_PLACEHOLDER
 from quantkit.verify.speed import speed_row
 
@@ -214,9 +215,7 @@ def main(argv: list[str]) -> int:
     except Exception as err:  # noqa: BLE001 - any failure is the runner's to report, with its traceback
         result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
         code = 1
-    temporary = result_path.with_name(result_path.name + ".tmp")
-    temporary.write_text(json.dumps(result))
-    os.replace(temporary, result_path)
+    write_text_atomically(result_path, json.dumps(result))
     sys.stdout.flush()
     sys.stderr.flush()
     return code

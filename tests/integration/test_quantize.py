@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 from quantkit.api import quantize, verify_static
 from quantkit.archs import MINICPMV26
 from quantkit.awq.engine import capture_layer_inputs, move_outside_layers
+from quantkit.awq.settings import QuantSettings
 from quantkit.calib import CalibSample, build_calibration_set
 from quantkit.cli import app
 from quantkit.errors import DependencyError, InputError
 from quantkit.io.model_loading import load_model
+from quantkit.io.shards import ShardReader
 from quantkit.quantize import calibration_forwards, work_folder
 
 SMALL = {"calib": "builtin:pydoc", "n_samples": 4, "seq_len": 64, "device": "cpu"}
@@ -66,6 +68,8 @@ def test_killed_run_resumes_bit_identical(standin_dir: Path, tmp_path: Path):
 
 
 def test_changed_settings_do_not_resume_a_foreign_work_folder(standin_dir: Path, tmp_path: Path):
+    """A work folder left by a group-size-128 run is not resumed by a group-size-64 one: that run starts at
+    layer 0 and its release holds 64-wide groups throughout."""
     out = tmp_path / "out"
 
     def die(report, n_layers):
@@ -73,8 +77,13 @@ def test_changed_settings_do_not_resume_a_foreign_work_folder(standin_dir: Path,
 
     with pytest.raises(KeyboardInterrupt):
         quantize(standin_dir, out, on_layer_done=die, **SMALL)
-    result = quantize(standin_dir, out, **{**SMALL, "seed": 1})
+    assert json.loads((work_folder(out) / "state.json").read_text())["completed_layers"] == 1
+    result = quantize(standin_dir, out, **SMALL, settings=QuantSettings(group_size=64))
     assert result.resumed_from_layer == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    with ShardReader(out) as reader:  # q_proj of the tiny stand-in: 256 inputs in 4 groups of 64, 256 outputs
+        for layer in (0, 1):
+            assert reader.shape_dtype(f"llm.model.layers.{layer}.self_attn.q_proj.scales") == ([4, 256], "F16")
 
 
 def test_image_samples_reach_the_llm_through_the_vision_path(standin_dir: Path, tmp_path: Path):

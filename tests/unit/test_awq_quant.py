@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from quantkit.awq.quant import (
-    GEMM_NIBBLE_ORDER,
     dequantize_gemm,
     fake_quantize,
     pack_gemm,
@@ -51,13 +50,16 @@ def test_pack_unpack_round_trip_is_exact():
 
 
 def test_gemm_nibble_order_matches_autoawq_layout():
-    """Nibble i of packed column k holds output column 8k + ORDER[i] (ORDER = 0 2 4 6 1 3 5 7)."""
-    q = torch.arange(16).repeat(128, 1).t().contiguous()  # [out=16, in=128]: row r holds the value r
+    """AutoAWQ's GEMM layout: nibble i (bits 4i..4i+3) of packed column k holds output column 8k + [0, 2, 4, 6,
+    1, 3, 5, 7][i]. Output column c holds the value c + 1 here, so the first word must read 1 3 5 7 2 4 6 8."""
+    q = (torch.arange(16) % 15 + 1).repeat(128, 1).t().contiguous()  # [out=16, in=128]: row c holds c + 1
     quant = quantize(torch.zeros(16, 128), 4, 128)
     quant = type(quant)(q=q, scales=quant.scales, zeros=quant.zeros)
-    word = pack_gemm(quant)["qweight"][0, 0].item() & 0xFFFFFFFF
-    nibbles = [(word >> (4 * i)) & 0xF for i in range(8)]
-    assert nibbles == list(GEMM_NIBBLE_ORDER)
+    qweight = pack_gemm(quant)["qweight"]
+    word = qweight[0, 0].item() & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [1, 3, 5, 7, 2, 4, 6, 8]
+    assert word == 0x86427531
+    assert [(qweight[0, 1].item() & 0xFFFFFFFF) >> (4 * i) & 0xF for i in range(8)] == [9, 11, 13, 15, 10, 12, 14, 1]
 
 
 def test_group_size_must_divide_in_features():

@@ -101,7 +101,7 @@ def test_kv_bytes_per_token_of_minicpmv26() -> None:
 
 
 def test_fit_in_24_gib_for_real_minicpmv26_shapes() -> None:
-    """The seed's RTX 4090 question by calculation: fp16 (8.1 B params) vs AWQ int4 (g128) on 24 GiB."""
+    """Does MiniCPM-V 2.6 fit an RTX 4090, by calculation: fp16 (8.1 B params) vs AWQ int4 (g128) on 24 GiB."""
     quantized = {".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.", ".up_proj.", ".down_proj."}
     fp16_bytes = int4_bytes = 0
     for spec in weight_specs(REAL):

@@ -6,6 +6,11 @@ from __future__ import annotations
 from transformers import Qwen2TokenizerFast
 
 
+def _markup_id(token_attribute: str) -> property:
+    """A read-only `<name>_id` property: the id of the markup token held in the class attribute `token_attribute`."""
+    return property(lambda self: self.convert_tokens_to_ids(getattr(self, token_attribute)))
+
+
 class MiniCPMVTokenizerFast(Qwen2TokenizerFast):
     im_start = "<image>"
     im_end = "</image>"
@@ -34,29 +39,12 @@ class MiniCPMVTokenizerFast(Qwen2TokenizerFast):
     def unk_id(self) -> int:
         return self.unk_token_id
 
-    @property
-    def im_start_id(self) -> int:
-        return self.convert_tokens_to_ids(self.im_start)
-
-    @property
-    def im_end_id(self) -> int:
-        return self.convert_tokens_to_ids(self.im_end)
-
-    @property
-    def slice_start_id(self) -> int:
-        return self.convert_tokens_to_ids(self.slice_start)
-
-    @property
-    def slice_end_id(self) -> int:
-        return self.convert_tokens_to_ids(self.slice_end)
-
-    @property
-    def im_id_start_id(self) -> int:
-        return self.convert_tokens_to_ids(self.im_id_start)
-
-    @property
-    def im_id_end_id(self) -> int:
-        return self.convert_tokens_to_ids(self.im_id_end)
+    im_start_id = _markup_id("im_start")
+    im_end_id = _markup_id("im_end")
+    slice_start_id = _markup_id("slice_start")
+    slice_end_id = _markup_id("slice_end")
+    im_id_start_id = _markup_id("im_id_start")
+    im_id_end_id = _markup_id("im_id_end")
 
     @property
     def newline_id(self) -> int:
