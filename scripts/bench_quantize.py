@@ -162,8 +162,7 @@ def output_errors(model, results, held: HeldOut, device: str) -> dict:
 METHODS = {
     "awq": {},
     "awq-gptq": {"method": "awq-gptq"},
-    "awq-gptq-act-order": {"method": "awq-gptq", "gptq_act_order": True},
-    "awq-gptq-act-order-sequential": {"method": "awq-gptq", "gptq_act_order": True, "gptq_sequential": True},
+    "awq-gptq-input-order": {"method": "awq-gptq", "gptq_act_order": False},
 }
 """--method choices: the native engine's settings changes."""
 

@@ -237,17 +237,10 @@ def quantize_layer(
             tensors[f"{name}.{key}"] = value.to("cpu", non_blocking=True)  # pinned, overlaps the next steps
         linears[name].weight.data = quant.dequantize(linears[name].weight.dtype)
 
-    for position, (names, hessian) in enumerate(zip(shared_input, hessians)):
-        if settings.gptq_sequential and position > 0:
-            hessian = _input_gram(layer, linears[names[0]], inputs)
+    for names, hessian in zip(shared_input, hessians):
         grids = [quantize(linears[n].weight, settings.bits, settings.group_size) for n in names]
-        bounds = None
-        if settings.gptq_regrid:
-            bounds = [clips[n].to(targets[n].device) if n in clips
-                      else torch.full_like(grids[i].scales, float("inf"), dtype=torch.float32)
-                      for i, n in enumerate(names)]
         rounded = gptq_round_shared([targets[n] for n in names], hessian, grids, settings.gptq_damp,
-                                    settings.gptq_block_size, settings.bits, bounds, settings.gptq_act_order)
+                                    settings.gptq_block_size, settings.bits, settings.gptq_act_order)
         for name, quant in zip(names, rounded):
             store(name, quant)
     del hessians, targets
@@ -275,26 +268,6 @@ def quantize_layer(
         clips=clips,
     )
     return result, (quant_out if settings.inputs_from_quantized else float_out)
-
-
-def _input_gram(layer: nn.Module, linear: nn.Linear, inputs: LayerInputs) -> torch.Tensor:
-    """X^T X of `linear`'s inputs when the layer runs as it now stands (earlier linears already rounded)."""
-    total: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        part = gram([args[0].detach()])[0]
-        if total:
-            total[0] += part
-        else:
-            total.append(part)
-
-    handle = linear.register_forward_hook(hook)
-    try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
-            layer(h, **kw)
-    finally:
-        handle.remove()
-    return total[0]
 
 
 def quantize_layers(

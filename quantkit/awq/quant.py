@@ -36,23 +36,15 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_features, in_features // group_size, group_size)
 
 
-def min_max_grid(g: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (fp16) and zero (float, integral) per group of float32 groups [..., group_size]: the AutoAWQ
-    zero-point recipe."""
-    max_int = 2**bits - 1
-    w_max = g.amax(dim=-1)
-    w_min = g.amin(dim=-1)
-    scales = ((w_max - w_min).clamp(min=1e-5) / max_int).to(torch.float16)
-    zeros = (-torch.round(w_min / scales.float())).clamp(0, max_int)
-    return scales, zeros
-
-
 def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> GroupQuant:
     """Min-max asymmetric quantization of `w` [out, in] (the AutoAWQ zero-point recipe)."""
     max_int = 2**bits - 1
     g = _grouped(w.float(), group_size)
-    scales, zeros = min_max_grid(g, bits)
+    w_max = g.amax(dim=-1)
+    w_min = g.amin(dim=-1)
+    scales = ((w_max - w_min).clamp(min=1e-5) / max_int).to(torch.float16)
     s = scales.float()
+    zeros = (-torch.round(w_min / s)).clamp(0, max_int)
     q = (torch.round(g / s.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, max_int)
     return GroupQuant(q=q.reshape(w.shape).to(torch.int64), scales=scales, zeros=zeros.to(torch.int64))
 

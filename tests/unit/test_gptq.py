@@ -21,46 +21,64 @@ def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float
     return (x @ (w_hat - w).t()).pow(2).mean().item()
 
 
-def reference_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, damp: float):
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, damp: float,
+                   order: torch.Tensor | None = None):
     """The textbook update, one column at a time in float64 with the full inverse Hessian (no Cholesky, no
-    blocks): round column j, move its error onto the later columns, drop j from the inverse."""
+    blocks): round column j (in `order`, default input order) on its own group's scale and zero, move its
+    error onto the columns not yet rounded, drop j from the inverse."""
     w = w.double().clone()
     h = h.double() + damp * torch.diagonal(h).mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
+    order = torch.arange(w.shape[1]) if order is None else order
+    w, h = w[:, order], h[order][:, order]
     hinv = torch.linalg.inv(h)
     gs = w.shape[1] // scales.shape[1]
     q = torch.empty_like(w)
     for j in range(w.shape[1]):
-        s, z = scales[:, j // gs].double(), zeros[:, j // gs].double()
+        s, z = scales[:, order[j] // gs].double(), zeros[:, order[j] // gs].double()
         q[:, j] = (torch.round(w[:, j] / s) + z).clamp(0, 15)
         err = (w[:, j] - (q[:, j] - z) * s) / hinv[j, j]
         w[:, j + 1 :] -= torch.outer(err, hinv[j, j + 1 :])
         hinv -= torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
-    return q.long()
+    result = torch.empty_like(q)
+    result[:, order] = q
+    return result.long()
 
 
-def test_gptq_matches_the_textbook_update_and_beats_round_to_nearest():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_matches_the_textbook_update_and_beats_round_to_nearest(act_order: bool):
     x = correlated_inputs(2048, 256, seed=0)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     h = x.t() @ x
     grid = quantize(w, 4, 64)
-    result = gptq_round(w, h, grid, damp=0.01, block_size=128)
+    result = gptq_round(w, h, grid, damp=0.01, block_size=128, act_order=act_order)
     assert torch.equal(result.scales, grid.scales) and torch.equal(result.zeros, grid.zeros)
-    expected = reference_gptq(w, h, grid.scales, grid.zeros, damp=0.01)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+    expected = reference_gptq(w, h, grid.scales, grid.zeros, damp=0.01, order=order)
     # float32 Cholesky vs float64 inverse: a handful of weights sit on a .5 boundary
     assert (result.q != expected).float().mean() < 0.002
     assert (result.q - expected).abs().max() <= 1
     assert output_error(x, w, result.dequantize()) < 0.6 * output_error(x, w, grid.dequantize())
 
 
+def test_act_order_beats_input_order_on_inputs_with_salient_channels():
+    """correlated_inputs makes every 32nd channel 10x louder: rounded first, their error is absorbed by the rest
+    (measured 6.85 vs 14.90, round-to-nearest 31.4)."""
+    x = correlated_inputs(2048, 256, seed=0)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    grid = quantize(w, 4, 64)
+    errors = {act_order: output_error(x, w, gptq_round(w, x.t() @ x, grid, 0.01, 128, act_order=act_order)
+                                      .dequantize()) for act_order in (False, True)}
+    assert errors[True] < 0.6 * errors[False]
+
+
 def test_block_size_only_changes_how_updates_are_batched():
     x = correlated_inputs(1024, 256, seed=2)
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
     grid = quantize(w, 4, 32)
-    per_group = gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=32)
     whole = gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=256)
-    assert (per_group.q != whole.q).float().mean() < 0.002
-    with pytest.raises(ValueError, match="not a multiple of the group size"):
-        gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=48)
+    for block_size in (32, 48):  # 48 straddles the groups of 32: the scales go with the columns
+        blocked = gptq_round(w, x.t() @ x, grid, damp=0.01, block_size=block_size)
+        assert (blocked.q != whole.q).float().mean() < 0.002
 
 
 def test_linears_sharing_an_input_round_as_one_stacked_weight():
@@ -86,7 +104,7 @@ def test_dead_input_columns_keep_the_factor_finite():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"method": "gptq"}, "method='gptq'"), ({"method": "awq-gptq", "gptq_damp": 0}, "gptq_damp=0"),
-     ({"method": "awq-gptq", "gptq_block_size": 96, "group_size": 64}, "gptq_block_size=96")],
+     ({"method": "awq-gptq", "gptq_block_size": 0}, "gptq_block_size=0")],
 )
 def test_settings_refuse_bad_gptq_settings(kwargs, message):
     with pytest.raises(InputError, match=message):
