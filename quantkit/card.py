@@ -162,7 +162,7 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
     settings = quantization.get("settings") or {}
     qconfig = quantization.get("quantization_config") or {}
     lines += ["", "## Quantization", ""]
-    rounding = (", then GPTQ error-compensated rounding on the same groups (columns by falling input energy)" if settings.get("method") == "awq-gptq"
+    rounding = (", then GPTQ error-compensated rounding on the same groups" if settings.get("method") == "awq-gptq"
                 else "")
     rows: list[tuple[Any, ...]] = [("method", (f"AWQ (activation-aware weight quantization){rounding}, "
                                     f"{quantization.get('backend', 'native')} engine"))]
