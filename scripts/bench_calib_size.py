@@ -101,6 +101,15 @@ def run_once(source: Path, model: torch.nn.Module, tokenizer, variant: str, n: i
     return {f"{LLAMA.layer_prefix(r.report.index)}.{name}": t for r in results for name, t in r.tensors.items()}
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    """'gptq_damp=0.03' -> ('gptq_damp', 0.03): the value read as JSON (numbers, true/false), else as text."""
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 64])
@@ -109,6 +118,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="change a QuantSettings field for every variant, e.g. --set gptq_damp=0.03")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -125,7 +136,7 @@ def main() -> None:
                for b in blocks]
     fp32_ppl, _ = perplexity_and_kl(model, blocks, ref)
     print(f"fp32 perplexity {fp32_ppl:.3f}", flush=True)
-    base = QuantSettings(group_size=args.group_size)
+    base = QuantSettings(group_size=args.group_size, **dict(parse_setting(item) for item in args.set))
     runs = []
     for variant in args.variants:
         for n in args.sizes:
