@@ -109,3 +109,15 @@ def test_dead_input_columns_keep_the_factor_finite():
 def test_settings_refuse_bad_gptq_settings(kwargs, message):
     with pytest.raises(InputError, match=message):
         QuantSettings(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_rounds_like_the_eager_loop():
+    """The first weight captures the graph, the second replays it on new data: both as on the CPU."""
+    x = correlated_inputs(2048, 384, seed=6)
+    for seed in (7, 8):
+        w = torch.randn(96, 384, generator=torch.Generator().manual_seed(seed))
+        grid = quantize(w, 4, 128)
+        on_cpu = gptq_round(w, x.t() @ x, grid, damp=0.1, block_size=128)
+        on_gpu = gptq_round(w.cuda(), (x.t() @ x).cuda(), grid, damp=0.1, block_size=128)
+        assert (on_gpu.q.cpu() != on_cpu.q).float().mean() < 0.002
