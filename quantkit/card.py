@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from quantkit.archs import spec_for_config
 from quantkit.io.chores import read_json
 from quantkit.io.manifest import read_manifest, record_files
 from quantkit.recipe import LOCK_NAME, read_lock
@@ -120,24 +121,25 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
     base_model = source.get("repo_id")
     standin = source.get("standin")
     name = recipe.get("name") or root.name
+    arch_card = spec_for_config(read_json(root / "config.json") or {}, source=str(root / "config.json")).card
 
     metadata: dict[str, Any] = {}
     if base_model:
         metadata |= {"base_model": base_model, "base_model_relation": "quantized"}
-    metadata |= {"library_name": "transformers", "pipeline_tag": "image-text-to-text"}
+    metadata |= {"library_name": "transformers", "pipeline_tag": arch_card.pipeline_tag}
     metadata |= source_license(root, Path(source_folder) if source_folder else None)
     metadata["tags"] = ["awq", "int4", "4-bit", "quantkit", "vllm", *(["stand-in"] if standin else [])]
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {name}", ""]
 
     origin = f"[{base_model}](https://huggingface.co/{base_model}) at commit `{source.get('commit')}`" \
-        if base_model else "the quantkit MiniCPM-V 2.6 stand-in" + (
+        if base_model else f"the quantkit {arch_card.display_name} stand-in" + (
             f" (size {standin.get('size')}, seed {standin.get('seed')})" if standin else "")
     lines.append(f"int4 AWQ (GEMM layout) of {origin}, made by quantkit "
                  f"{(manifest.get('tools') or {}).get('quantkit', '?')}"
                  + (f" from recipe `{name}` (sha256 `{recipe['sha256'][:12]}`)" if recipe.get("sha256") else "")
-                 + ". The vision tower and resampler stay 16-bit; the LLM's decoder linears are 4-bit.")
+                 + ". " + arch_card.kept_16bit)
     if standin:
-        lines += ["", ("> **Not a real model.** Random weights with MiniCPM-V 2.6's file layout, built by "
+        lines += ["", (f"> **Not a real model.** Random weights with {arch_card.display_name}'s file layout, built by "
                   "`quantkit.standin` to test the release pipeline end to end. Its outputs are noise.")]
     if recipe and not recipe.get("release"):
         lines += ["", "> Made from a recipe not marked `release: true`: its inputs may not all be pinned."]
@@ -147,17 +149,9 @@ def render_card(folder: str | Path, source_folder: str | Path | None = None, rep
     lines += ["", f"**Verification: {verdict}**" + (f" ({parity})" if parity else "") + "."]
 
     repo = repo_id or f"path/to/{root.name}"
-    lines += ["", "## Usage with vLLM", "", "```python", "from PIL import Image",
-              "from vllm import LLM, SamplingParams", "",
-              f'llm = LLM(model="{repo}", trust_remote_code=True, max_model_len=4096)',
-              'image = Image.open("example.jpg").convert("RGB")',
-              'messages = [{"role": "user", "content": "(<image>./</image>)\\nWhat is in the image?"}]',
-              "prompt = llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
-              'outputs = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}},',
-              "                       SamplingParams(max_tokens=128, temperature=0))", "```", "",
-              (f"or `vllm serve {repo} --trust-remote-code`. No `quantization=` argument is needed: vLLM reads "
-              "`quantization_config` from config.json and picks its AWQ kernel itself."), "",
-              kernel_advice(report, repo)]
+    lines += ["", "## Usage with vLLM", "", arch_card.vllm_usage.replace("{repo}", repo)
+              + (" No `quantization=` argument is needed: vLLM reads `quantization_config` from config.json and "
+                 "picks its AWQ kernel itself."), "", kernel_advice(report, repo)]
 
     settings = quantization.get("settings") or {}
     qconfig = quantization.get("quantization_config") or {}

@@ -128,7 +128,7 @@ def quantize_command(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """AWQ int4 (4 bit, group 128, zero point, GEMM layout) of the LLM's decoder layers, layer by layer on the
-    GPU; vision tower, resampler, embeddings and lm_head stay 16-bit. A killed run resumes when re-run.
+    GPU; the vision side, embeddings and output head stay 16-bit. A killed run resumes when re-run.
 
     Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --calib data/calib.jsonl
     """
@@ -166,7 +166,7 @@ def _print_static_report(report: api.StaticReport) -> None:
     if summary.get("size_ratio") is not None:
         out.print(Text(f"size: {summary['release_bytes'] / 2**20:.1f} MiB = {summary['size_ratio']:.3f} x the "
                        f"{summary['size_basis']} ({summary['reference_bytes'] / 2**20:.1f} MiB): "
-                       f"{api.size_reason(summary['kept_16bit_share'])}"))
+                       f"{api.size_reason(summary['kept_16bit_share'], summary['kept_16bit_parts'])}"))
     if summary.get("rel_error_max") is not None:
         out.print(Text(f"dequantization error: max {summary['rel_error_max']:.4f} "
                        f"({summary['rel_error_worst']}), mean {summary['rel_error_mean']:.4f}"))

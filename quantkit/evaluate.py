@@ -42,7 +42,7 @@ from quantkit.verify.report import EVAL_REPORT
 
 DEFAULT_BLOCKS = 4
 """Blocks evaluated when no count is given (fewer when the text is shorter): a quick check, under a minute on
-2 busy CPU cores for the tiny stand-in, whose 151k-token lm_head costs ~40 GFLOP per 512-token block and model
+2 busy CPU cores for the tiny stand-in, whose 151k-token output head costs ~40 GFLOP per 512-token block and model
 (~7 s a block there, for model and reference). Pass n_samples for a finer number (docs/benchmarks.md: 40)."""
 TOKENIZER_PROBE = "Quantization keeps 4 bits per weight: déjà vu, 3.14159, <tag>, naïve café 東京 🙂"
 
@@ -150,12 +150,12 @@ def load_for_eval(folder: Path, dtype: torch.dtype, device: torch.device) -> _Lo
     if spec.build_model is not None:
         model = build_and_load(spec.build_model, raw_config, state.items(), dtype, str(folder))
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights below are already plain float tensors
-        model, info = AutoModelForCausalLM._model_mapping[type(config)].from_pretrained(
+        model, info = spec.native_class()._model_mapping[type(config)].from_pretrained(
             None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
         )
         missing = sorted(info["missing_keys"])

@@ -127,7 +127,7 @@ def work_folder(out: Path) -> Path:
 def calibration_forwards(model: torch.nn.Module, spec: ArchSpec, source: Path, calib: CalibrationSet,
                          settings: QuantSettings, device: torch.device, dtype: torch.dtype) -> list[Callable]:
     """One callable per forward pass: text micro-batches through the LLM, multimodal samples through the model's
-    real vision path (processor -> vision tower -> resampler -> LLM)."""
+    real vision path (processor -> vision side -> LLM)."""
     lm = model.get_submodule(spec.language_model) if spec.language_model else model
     forwards: list[Callable] = [
         (lambda chunk=chunk: lm(input_ids=chunk.to(device), use_cache=False))

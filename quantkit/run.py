@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit.archs import spec_for_config
 from quantkit.errors import DependencyError, HubError, InputError, QuantkitError, VerifyError
 from quantkit.io.chores import format_size, read_json
 from quantkit.io.manifest import MANIFEST_NAME, read_manifest, record_files, write_manifest
@@ -164,24 +165,23 @@ def verify_fingerprint(loaded: LoadedRecipe, release_manifest: dict[str, Any], u
 
 def estimate_quantize_memory(config: dict[str, Any], n_samples: int, seq_len: int, max_batch_tokens: int,
                              bytes_per_value: int = 2) -> dict[str, float]:
-    """Peak device memory (bytes) of the quantize stage from the config's shapes: the larger of the capture
-    phase (every module outside the decoder layers + the captured hidden states) and the layer phase (one
-    decoder layer and its working copy, layer inputs and outputs for all n_samples x seq_len tokens, every
-    linear's captured inputs, one micro-batch of MLP activations), times QUANTIZE_OVERHEAD."""
-    llm = config.get("text_config") or config
-    hidden, inter = int(llm["hidden_size"]), int(llm["intermediate_size"])
-    heads = int(llm["num_attention_heads"])
-    kv_width = int(llm.get("num_key_value_heads", heads)) * (hidden // heads)
+    """Peak device memory (bytes) of the quantize stage from the config's shapes (read through the arch spec):
+    the larger of the capture phase (every module outside the decoder layers + the captured hidden states) and
+    the layer phase (one decoder layer and its working copy, layer inputs and outputs for all n_samples x
+    seq_len tokens, the captured input of every scaling group, one micro-batch of the widest activation, in the
+    MLP: gate, up and their product), times QUANTIZE_OVERHEAD."""
+    spec = spec_for_config(config)
+    llm = spec.text_config(config)
+    hidden = int(llm["hidden_size"])
+    shapes = spec.linear_shapes(llm)
     tokens = n_samples * seq_len
-    layer = (2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * inter) * bytes_per_value
+    layer = sum(fan_in * fan_out for fan_in, fan_out in shapes.values()) * bytes_per_value
+    captured_width = sum(shapes[group.linears[0]][0] for group in spec.scaling_groups)
+    widest = max(fan_in for fan_in, _ in shapes.values())
     layer_phase = (2 * layer + 2 * tokens * hidden * bytes_per_value
-                   + tokens * (3 * hidden + inter) * bytes_per_value
-                   + 3 * min(max_batch_tokens, tokens) * inter * bytes_per_value)
-    vision = config.get("vision_config") or {}
-    vision_params = int(vision.get("num_hidden_layers", 0)) * (
-        4 * int(vision.get("hidden_size", 0)) ** 2
-        + 2 * int(vision.get("hidden_size", 0)) * int(vision.get("intermediate_size", 0)))
-    outside = (2 * int(llm.get("vocab_size", 0)) * hidden + vision_params) * bytes_per_value
+                   + tokens * captured_width * bytes_per_value
+                   + 3 * min(max_batch_tokens, tokens) * widest * bytes_per_value)
+    outside = (2 * int(llm.get("vocab_size", 0)) * hidden + spec.vision_params(config)) * bytes_per_value
     capture_phase = outside + tokens * hidden * bytes_per_value
     return {"layer_phase": layer_phase * QUANTIZE_OVERHEAD, "capture_phase": capture_phase * QUANTIZE_OVERHEAD,
             "peak": max(layer_phase, capture_phase) * QUANTIZE_OVERHEAD}

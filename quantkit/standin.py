@@ -16,12 +16,14 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from quantkit.archs import MINICPMV26
 from quantkit.errors import InputError
 
 REMOTE_CODE_DIR = Path(__file__).parent / "standin_code"
@@ -412,6 +414,10 @@ def build_standin(out_dir: str | Path, size: StandinSize = TINY, seed: int = 0,
         shutil.copyfile(source, out / source.name)
     write_weights(out, size, seed, dtype, max_shard_bytes)
     return out
+
+
+STANDIN_BUILDERS: dict[str, Callable[[Path], Path]] = {MINICPMV26.name: build_standin}
+"""Arch spec name -> the builder of its tiny stand-in (verify's per-step speed floor builds one)."""
 
 
 def main(argv: list[str] | None = None) -> None:

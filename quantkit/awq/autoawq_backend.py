@@ -86,11 +86,6 @@ def import_autoawq() -> types.SimpleNamespace:
     return types.SimpleNamespace(auto=awq_auto, base=awq_base, quantizer=awq_quantizer, AwqConfig=AwqConfig)
 
 
-def _rotary_modules(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
-    prefix = spec.decoder_layers + "."
-    return [m for name, m in model.named_modules() if name.endswith("rotary_emb") and not name.startswith(prefix)]
-
-
 def model_definition(spec: ArchSpec) -> type:
     """AutoAWQ's model definition for `spec`: a BaseAWQForCausalLM subclass whose static methods read the spec.
 
@@ -118,8 +113,7 @@ def _build_model_definition(spec: ArchSpec) -> type:
         """What AutoAWQ needs outside the layers while it loops: the input embeddings and the rotary tables."""
         language_model = model.get_submodule(spec.language_model) if spec.language_model else model
         language_model.get_input_embeddings().to(device)
-        for rotary in _rotary_modules(model, spec):
-            rotary.to(device)
+        model.get_submodule(spec.rotary_embedding).to(device)
 
     def get_layers_for_scaling(module: nn.Module, input_feat: dict, module_kwargs: dict) -> list[dict]:
         entries = []
@@ -156,13 +150,13 @@ def _build_model_definition(spec: ArchSpec) -> type:
 
 def register(spec: ArchSpec) -> type:
     """Make AutoAWQ's own entry points (`AutoAWQForCausalLM.from_pretrained`) know spec's model types that it
-    does not define itself (MiniCPM-V's "minicpmv"); returns the generated definition."""
+    does not define itself (MiniCPM-V's type), loaded through the spec's transformers auto class; returns the
+    generated definition."""
     awq = import_autoawq()
     definition = model_definition(spec)
-    auto_class = "AutoModel" if spec.multimodal else "AutoModelForCausalLM"
     for model_type in spec.model_types:
         awq.auto.AWQ_CAUSAL_LM_MODEL_MAP.setdefault(model_type, definition)
-        awq.base.TRANSFORMERS_AUTO_MAPPING_DICT.setdefault(model_type, auto_class)
+        awq.base.TRANSFORMERS_AUTO_MAPPING_DICT.setdefault(model_type, spec.auto_class)
     return definition
 
 

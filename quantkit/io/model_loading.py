@@ -71,14 +71,12 @@ def build_and_load(build: Any, config: dict[str, Any], tensors: Iterable[tuple[s
 
 def load_model(folder: Path, spec: Any, dtype: torch.dtype) -> nn.Module:
     """The checkpoint in `folder` as a float model in `dtype` on the CPU, without running any of its code:
-    the spec's own module tree where it has one, else transformers' native class for the model_type."""
+    the spec's own module tree where it has one, else transformers' class for the spec's auto class."""
     if spec.build_model is not None:
         from quantkit.io.shards import read_config
 
         return build_and_load(spec.build_model, read_config(folder), shard_tensors(folder), dtype, str(folder))
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False).eval()
+    return spec.native_class().from_pretrained(str(folder), dtype=dtype, trust_remote_code=False).eval()
 
 
 def load_tokenizer(folder: Path, spec: Any) -> Any:

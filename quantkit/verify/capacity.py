@@ -36,12 +36,11 @@ class MemoryFit:
         return asdict(self)
 
 
-def kv_bytes_per_token(config: dict[str, Any], kv_dtype_bytes: int = 2) -> int:
+def kv_bytes_per_token(llm: dict[str, Any], kv_dtype_bytes: int = 2) -> int:
     """K and V of every layer for one token: 2 x layers x kv_heads x head_dim x bytes (16-bit KV by default).
 
-    Reads the LLM keys at the top level of config.json (MiniCPM-V, Qwen2, Llama) or under `text_config`.
+    `llm` is the LLM's config (the spec's `text_config` of config.json).
     """
-    llm = config.get("text_config") or config
     try:
         layers = int(llm["num_hidden_layers"])
         heads = int(llm["num_attention_heads"])

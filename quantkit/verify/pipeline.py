@@ -18,12 +18,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from quantkit.archs import ArchSpec, spec_for_config
 from quantkit.errors import DependencyError, InputError
 from quantkit.io.chores import package_version, package_versions, read_json
 from quantkit.verify.capacity import fit_in_memory, kv_bytes_per_token
 from quantkit.verify.kernels import DEFAULT_SPEED_TRIALS, recommend, run_trials
 from quantkit.verify.parity import ParityThresholds, overall_verdict, prompt_parity
-from quantkit.verify.prompts import Prompt, load_prompts
+from quantkit.verify.prompts import Prompt, load_prompts, prompts_for
 from quantkit.verify.report import EVAL_REPORT, VerifyReport, write_report
 from quantkit.verify.static import verify_static
 from quantkit.verify.vllm_runner import EngineSettings, VariantRun, has_gpu, run_variant
@@ -90,9 +91,11 @@ def _output(run: VariantRun, prompt_id: str) -> dict[str, Any]:
             "prompt_tokens": output.prompt_tokens}
 
 
-def _memory_fit(gpu_memory_gb: float, runs: dict[str, VariantRun], config: dict[str, Any]) -> dict[str, Any]:
-    kv = kv_bytes_per_token(config)
-    max_position = int((config.get("text_config") or config).get("max_position_embeddings", 32768))
+def _memory_fit(gpu_memory_gb: float, runs: dict[str, VariantRun], spec: ArchSpec,
+                config: dict[str, Any]) -> dict[str, Any]:
+    llm = spec.text_config(config)
+    kv = kv_bytes_per_token(llm)
+    max_position = int(llm.get("max_position_embeddings", 32768))
     return {label: fit_in_memory(gpu_memory_gb, run.weights_bytes, kv, max_position).as_dict()
             for label, run in runs.items() if run.ok and run.weights_bytes is not None}
 
@@ -101,14 +104,13 @@ def _saved_evaluation(folder: Path) -> dict[str, Any] | None:
     return read_json(folder / EVAL_REPORT)
 
 
-def _floor_model(reference: Path, scratch: Path) -> Path | None:
-    """The tiny MiniCPM-V stand-in (random weights, same vocabulary and layer types) when the reference is a
-    MiniCPM-V: its decode step is vLLM's per-step cost around the weights. None for other architectures."""
-    if (read_json(reference / "config.json") or {}).get("model_type") != "minicpmv":
-        return None
-    from quantkit.standin import build_standin
+def _floor_model(spec: ArchSpec, scratch: Path) -> Path | None:
+    """The architecture's tiny stand-in (random weights, same vocabulary and layer types): its decode step is
+    vLLM's per-step cost around the weights. None for an architecture without one."""
+    from quantkit.standin import STANDIN_BUILDERS
 
-    return build_standin(scratch / "minicpmv26-tiny")
+    build = STANDIN_BUILDERS.get(spec.name)
+    return build(scratch / f"{spec.name}-tiny") if build else None
 
 
 def _run_line(run: VariantRun) -> str:
@@ -179,22 +181,26 @@ def verify(
         write_report(report, folder)
         return report
 
+    config = json.loads((folder / "config.json").read_text())
+    spec = spec_for_config(config, source=str(folder / "config.json"))
+    suite = prompts_for(spec, suite, user_suite=prompts is not None)
     report.thresholds = thresholds.as_dict()
     report.settings = {**asdict(engine), "prompts": str(prompts) if prompts else "default suite"}
     report.prompts = [_prompt_record(p) for p in suite]
     dtype = _release_dtype(folder)
     say(f"vLLM: 16-bit reference {reference_dir} ({len(suite)} prompts, then speed)")
-    runs = {"reference": run_variant("reference", reference_dir, suite, engine, dtype=dtype)}
+    runs = {"reference": run_variant("reference", reference_dir, suite, engine, dtype=dtype, chat=spec.chat)}
     say(_run_line(runs["reference"]))
     if runs["reference"].ok:
         teacher = {p.id: p.token_ids for p in runs["reference"].prompts}
         say(f"vLLM: int4 release {folder} (teacher-forced on the reference's outputs, then speed)")
-        runs["int4"] = run_variant("int4", folder, suite, engine, teacher=teacher, dtype=dtype)
+        runs["int4"] = run_variant("int4", folder, suite, engine, teacher=teacher, dtype=dtype,
+                                     chat=spec.chat)
         say(_run_line(runs["int4"]))
     if engine.measure_speed and runs.get("int4") and runs["int4"].ok:
         with tempfile.TemporaryDirectory(prefix="quantkit-floor-") as scratch:
             trials = run_trials(folder, reference_dir, runs, engine, gpu=has_gpu(), dtype=dtype,
-                                max_runs=speed_trials, floor_model=lambda: _floor_model(reference_dir, Path(scratch)),
+                                max_runs=speed_trials, floor_model=lambda: _floor_model(spec, Path(scratch)),
                                 progress=say)
         report.speed_trials = [trial.as_dict() for trial in trials]
         int4 = runs["int4"]
@@ -224,6 +230,6 @@ def verify(
     report.passed = overall_verdict(parities)
     report.reasons += [f"prompt {p.prompt_id}: {'; '.join(p.failures)}" for p in parities if not p.passed]
     if gpu_memory_gb is not None:
-        report.memory_fit = _memory_fit(gpu_memory_gb, runs, json.loads((folder / "config.json").read_text()))
+        report.memory_fit = _memory_fit(gpu_memory_gb, runs, spec, config)
     write_report(report, folder)
     return report

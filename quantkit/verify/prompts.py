@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantkit.archs.minicpmv26.processing import IMAGE_PLACEHOLDER
+from quantkit.archs import ArchSpec
 from quantkit.errors import InputError
 
 DEFAULT_SUITE = Path(__file__).parent / "suite" / "prompts.jsonl"
@@ -30,10 +30,11 @@ class Prompt:
     images: tuple[str, ...] = ()
     """Absolute paths of the images (or video frames, in order)."""
 
-    def user_content(self) -> str:
-        """The user turn as MiniCPM-V expects it: one placeholder line per image, then the question."""
-        placeholders = [IMAGE_PLACEHOLDER] * len(self.images)
-        return "\n".join([*placeholders, self.text])
+    def user_content(self, image_placeholder: str | None) -> str:
+        """The user turn: one line of the architecture's `image_placeholder` per image, then the question."""
+        if self.images and image_placeholder is None:
+            raise InputError(f"prompt {self.id!r} has images but the model takes none")
+        return "\n".join([*[image_placeholder] * len(self.images), self.text])
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,16 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
     if not prompts:
         raise InputError(f"{path}: no prompts in the file.")
     return prompts
+
+
+def prompts_for(spec: ArchSpec, prompts: list[Prompt], user_suite: bool) -> list[Prompt]:
+    """The prompts of kinds `spec` takes. From the shipped suite the others are left out; a user's suite with
+    kinds the model cannot take is refused (the user asked for them)."""
+    unsupported = sorted({p.kind for p in prompts} - set(spec.prompt_kinds))
+    if unsupported and user_suite:
+        raise InputError(f"--prompts: {spec.card.display_name} takes {', '.join(spec.prompt_kinds)} prompts, not "
+                         f"{', '.join(unsupported)}; remove those lines.")
+    return [p for p in prompts if p.kind in spec.prompt_kinds]
 
 
 def _parse(record: object, base: Path, where: str) -> Prompt:

@@ -193,32 +193,11 @@ def _read_index(folder: Path) -> tuple[dict[str, str] | None, dict[str, Any], li
 
 def linear_shapes(llm: dict[str, Any], spec: ArchSpec) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each quantized linear of a decoder layer, from the LLM config."""
-    hidden, intermediate = llm["hidden_size"], llm["intermediate_size"]
-    heads = llm["num_attention_heads"]
-    kv_heads = llm.get("num_key_value_heads") or heads
-    head_dim = llm.get("head_dim") or hidden // heads
-    by_kind = {
-        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden),
-    }
-    shapes = {}
-    for linear in spec.linears:
-        kind = linear.rsplit(".", 1)[-1]
-        if kind not in by_kind:
-            raise InputError(f"verify has no shape rule for {spec.name}'s linear {linear!r}")
-        shapes[linear] = by_kind[kind]
-    return shapes
-
-
-def biased_linears(llm: dict[str, Any], model_type: str, spec: ArchSpec) -> set[str]:
-    """Linears with a bias: Qwen2 (and MiniCPM-V's Qwen2 LLM) has q/k/v biases; Llama-family models have
-    them where `attention_bias` / `mlp_bias` say so."""
-    attention = {lin for lin in spec.linears if lin.startswith("self_attn.")}
-    if model_type in ("qwen2", "minicpmv"):
-        return {lin for lin in attention if lin.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")}
-    biased = set(attention) if llm.get("attention_bias") else set()
-    return biased | ({lin for lin in spec.linears if lin.startswith("mlp.")} if llm.get("mlp_bias") else set())
+    shapes = spec.linear_shapes(llm)
+    missing = [linear for linear in spec.linears if linear not in shapes]
+    if missing:
+        raise InputError(f"{spec.name}'s spec gives no shape for its linears {missing}")
+    return {linear: shapes[linear] for linear in spec.linears}
 
 
 @dataclass
@@ -256,7 +235,7 @@ def _expected_names(release: _Release, source_names: list[str] | None) -> set[st
             else:
                 expected.add(name)
         return expected
-    biased = biased_linears(release.llm, str(release.config.get("model_type")), spec)
+    biased = spec.biased_linears(release.llm)
     norms = [group.prev for group in spec.scaling_groups if group.prev not in spec.linears]
     for i in range(release.n_layers):
         for linear in spec.linears:
@@ -279,8 +258,8 @@ def check_expected(release: _Release, source_names: list[str] | None) -> Check:
                  f"{release.spec.name} layout)" for name in sorted(found - expected)]
     tied = bool(release.llm.get("tie_word_embeddings", release.config.get("tie_word_embeddings")))
     for prefix in release.spec.keep_16bit:
-        if tied and prefix.rsplit(".", 1)[-1] == "lm_head":
-            continue  # tied embeddings (SmolLM2): the head is embed_tokens; no lm_head tensor is stored
+        if tied and prefix == release.spec.output_head:
+            continue  # tied embeddings (SmolLM2): the head is the input embedding; no head tensor is stored
         if not any(name == prefix or name.startswith(prefix + ".") for name in found):
             problems.append(f"{WEIGHT_INDEX}: {prefix}.*: no tensor of this 16-bit module is present")
     basis = "the source's names" if source_names is not None else "config.json and the arch spec"
@@ -441,7 +420,7 @@ def check_source_identical(release: _Release, reader: ShardReader, source: Shard
             problems.append(f"{entry.shard}: {name}: {differ} of {mine.numel()} values differ from the source cast "
                             f"to {str(mine.dtype).removeprefix('torch.')}")
     return _outcome("source_identical", problems,
-                    f"{compared} 16-bit tensors (vision, resampler, embeddings, head, norms, biases) bit-identical "
+                    f"{compared} 16-bit tensors ({release.spec.card.kept_16bit_parts}, biases) bit-identical "
                     "to the source")
 
 
@@ -496,10 +475,11 @@ def check_dequant_error(release: _Release, reader: ShardReader, source: ShardRea
     return _outcome("dequant_error", problems, ok_message, {**summary, "per_linear": errors})
 
 
-def size_reason(kept_share: float) -> str:
-    """Why the release is the size it is: only the quantized linears shrink (~4x), the rest stays 16-bit."""
-    return (f"{kept_share:.1%} of the 16-bit model's bytes are in tensors that stay 16-bit (embeddings, lm_head, "
-            f"vision tower, resampler, norms); only the quantized linears ({1 - kept_share:.1%}) shrink, ~4x")
+def size_reason(kept_share: float, kept_parts: str) -> str:
+    """Why the release is the size it is: only the quantized linears shrink (~4x), the rest (`kept_parts`, the
+    spec's wording) stays 16-bit."""
+    return (f"{kept_share:.1%} of the 16-bit model's bytes are in tensors that stay 16-bit ({kept_parts}); "
+            f"only the quantized linears ({1 - kept_share:.1%}) shrink, ~4x")
 
 
 def check_size(release: _Release, shard_files: list[Path], source_folder: Path | None) -> Check:
@@ -523,9 +503,10 @@ def check_size(release: _Release, shard_files: list[Path], source_folder: Path |
     ratio = release_bytes / reference if reference else math.inf
     kept = 1 - quantized / implied if implied else 0.0
     summary = {"release_bytes": release_bytes, "reference_bytes": reference, "size_basis": basis,
-               "size_ratio": ratio, "implied_16bit_bytes": implied, "kept_16bit_share": kept}
+               "size_ratio": ratio, "implied_16bit_bytes": implied, "kept_16bit_share": kept,
+               "kept_16bit_parts": release.spec.card.kept_16bit_parts}
     message = (f"{release_bytes / 2**20:.1f} MiB = {ratio:.3f} x the {basis} ({reference / 2**20:.1f} MiB); "
-               f"{size_reason(kept)}")
+               f"{size_reason(kept, release.spec.card.kept_16bit_parts)}")
     return Check("size", ratio < 1, message if ratio < 1 else f"release did not shrink: {message}", summary)
 
 
@@ -557,7 +538,7 @@ def verify_static(folder: str | Path, source: str | Path | None = None, max_rel_
         checks.append(Check("config", False, f"config.json: unreadable ({err})"))
         return StaticReport(str(root), str(source_root) if source_root else None, checks, {"ok": False})
     spec = spec_for_config(config, source=str(root / "config.json"))
-    llm = config.get(spec.text_config_key, {}) if spec.text_config_key else config
+    llm = spec.text_config(config)
     release = _Release(root, config, spec, llm, int(llm.get(spec.num_layers_key, 0)), tensors,
                        CONFIG_DTYPES.get(str(config.get("torch_dtype", config.get("dtype")))))
 

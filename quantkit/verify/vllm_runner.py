@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit.archs import ChatFormat
 from quantkit.verify.prompts import Prompt
 from quantkit.verify.vllm_cpu_plugin import APPLIED_LOG_LINE
 
@@ -231,6 +232,7 @@ def run_variant(
     dtype: str | None = None,
     extra_env: dict[str, str] | None = None,
     compilation_config: dict[str, Any] | None = None,
+    chat: ChatFormat | None = None,
 ) -> VariantRun:
     """Load `model_dir` in vLLM, greedy-decode every prompt, score the teacher's continuations (or its own),
     time synthetic prefill/decode; returns what happened, including failure.
@@ -238,6 +240,7 @@ def run_variant(
     `teacher` maps prompt id -> token ids to teacher-force (the reference's greedy outputs); `dtype` overrides
     settings.dtype so both variants compute in the same precision; `extra_env` is set in the worker and
     `compilation_config` passed to vLLM (no prompts and either of them = a speed-only run of another setup).
+    `chat` is the architecture's image placeholder and stop tokens (needed when there are prompts).
     """
     gpu = has_gpu()
     speed = settings.speed or (GPU_SPEED if gpu else CPU_SPEED)
@@ -251,7 +254,10 @@ def run_variant(
         "gpu_memory_utilization": settings.gpu_memory_utilization or (0.9 if gpu else 0.3),
         "enforce_eager": not gpu,
         "compilation_config": compilation_config,
-        "prompts": [{**p.as_dict(), "content": p.user_content()} for p in prompts],
+        "prompts": [{**p.as_dict(), "content": p.user_content(chat.image_placeholder if chat else None)}
+                    for p in prompts],
+        "image_placeholder": chat.image_placeholder if chat else None,
+        "stop_tokens": list(chat.stop_tokens) if chat else [],
         "teacher": teacher,
         "speed": asdict(speed) if settings.measure_speed else None,
     }

@@ -23,10 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.io.chores import write_text_atomically
-from quantkit.verify.prompts import IMAGE_PLACEHOLDER
 from quantkit.verify.speed import speed_row
-
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def _position(logprobs: Any) -> dict[int, float]:
@@ -34,8 +31,8 @@ def _position(logprobs: Any) -> dict[int, float]:
     return {int(token): float(entry.logprob) for token, entry in logprobs.items()}
 
 
-def _chat_token_ids(tokenizer: Any, content: str) -> list[int]:
-    """The chat-templated user turn as token ids, each image placeholder encoded on its own.
+def _chat_token_ids(tokenizer: Any, content: str, image_placeholder: str | None) -> list[int]:
+    """The chat-templated user turn as token ids, each image placeholder (the arch's) encoded on its own.
 
     Encoding the whole text would merge a placeholder's ")" with the following newline (Qwen2 has a ")\n"
     token); vLLM then misses the placeholder among the ids, decodes the whole prompt and re-encodes it, which
@@ -46,18 +43,20 @@ def _chat_token_ids(tokenizer: Any, content: str) -> list[int]:
                            "each prompt with it, as vLLM's chat endpoint would")
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
-    placeholder = tokenizer.encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
+    if image_placeholder is None:
+        return tokenizer.encode(text, add_special_tokens=False)
+    placeholder = tokenizer.encode(image_placeholder, add_special_tokens=False)
     ids: list[int] = []
-    for index, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
+    for index, segment in enumerate(text.split(image_placeholder)):
         if index:
             ids.extend(placeholder)
         ids.extend(tokenizer.encode(segment, add_special_tokens=False))
     return ids
 
 
-def _stop_token_ids(tokenizer: Any) -> list[int]:
+def _stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> list[int]:
     vocab = tokenizer.get_vocab()
-    return [vocab[token] for token in STOP_TOKENS if token in vocab]
+    return [vocab[token] for token in stop_tokens if token in vocab]
 
 
 def _load_images(paths: list[str]) -> list[Any]:
@@ -104,13 +103,14 @@ def _parity_runs(llm: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
     prompts = request["prompts"]
     inputs = []
     for prompt in prompts:
-        item: dict[str, Any] = {"prompt_token_ids": _chat_token_ids(tokenizer, prompt["content"])}
+        ids = _chat_token_ids(tokenizer, prompt["content"], request["image_placeholder"])
+        item: dict[str, Any] = {"prompt_token_ids": ids}
         if prompt["images"]:
             item["multi_modal_data"] = {"image": _load_images(prompt["images"])}
         inputs.append(item)
 
     greedy = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], logprobs=top_k,
-                            stop_token_ids=_stop_token_ids(tokenizer))
+                            stop_token_ids=_stop_token_ids(tokenizer, request["stop_tokens"]))
     decoded = llm.generate(inputs, greedy, use_tqdm=False)
 
     teacher = request.get("teacher") or {}

@@ -18,7 +18,7 @@ def release_folder(tmp_path: Path) -> tuple[Path, Path]:
     release.mkdir()
     (source / "README.md").write_text("---\nlicense: other\nlicense_name: minicpm-model-license\n"
                                       "license_link: LICENSE\n---\n# MiniCPM-V 2.6\n")
-    (release / "config.json").write_text("{}\n")
+    (release / "config.json").write_text('{"model_type": "minicpmv", "version": 2.6}\n')
     metrics = {"positions": 16, "mean_kl": 0.012, "max_kl": 0.05, "top1_agreement": 0.94,
                "first_divergence": None, "text_similarity": 1.0, "passed": True, "failures": []}
     report = {"verdict": "PASS", "settings": {"parity": "vLLM parity run"}, "environment": {"device": "cuda"},

@@ -149,6 +149,7 @@ def test_report_and_card_carry_the_table_and_the_serve_command(fake_vllm: list, 
                                      "visible).")
 
     (tmp_path / "verify-report.json").write_text(__import__("json").dumps(report.as_dict()))
+    (tmp_path / "config.json").write_text('{"model_type": "minicpmv", "version": 2.6}\n')
     card = render_card(tmp_path, repo_id="org/MiniCPM-V-2_6-AWQ")
     assert ("Setups compared by verify on that machine (cuda). Fastest int4 setup at batch 1 (320.0 tok/s, 1.60x "
             "the 16-bit model, 1.28x vLLM's defaults):") in card

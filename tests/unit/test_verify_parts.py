@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from quantkit.archs import MINICPMV26, QWEN2
 from quantkit.errors import DependencyError, InputError
 from quantkit.verify import pipeline, vllm_cpu_plugin
-from quantkit.verify.prompts import DEFAULT_SUITE, IMAGE_PLACEHOLDER, load_prompts
+from quantkit.verify.prompts import DEFAULT_SUITE, load_prompts, prompts_for
 from quantkit.verify.vllm_runner import (
     parse_kernel,
     parse_kv_tokens,
@@ -21,19 +22,30 @@ from quantkit.verify.vllm_runner import (
     worker_env,
 )
 
+IMAGE_PLACEHOLDER = MINICPMV26.chat.image_placeholder
+
 
 def test_default_suite_covers_every_kind_with_real_images() -> None:
     prompts = load_prompts()
     assert {p.kind for p in prompts} == {"text", "image", "multi_image", "video"}
     for prompt in prompts:
-        assert prompt.user_content().count(IMAGE_PLACEHOLDER) == len(prompt.images)
+        assert prompt.user_content(IMAGE_PLACEHOLDER).count(IMAGE_PLACEHOLDER) == len(prompt.images)
         for path in prompt.images:
             assert Path(path).stat().st_size < 16_000
             with Image.open(path) as image:
                 expected = (320, 240) if prompt.kind == "video" else (640, 480)
                 assert image.size == expected
     video = next(p for p in prompts if p.kind == "video")
-    assert video.user_content().startswith("\n".join([IMAGE_PLACEHOLDER] * len(video.images)) + "\n")
+    assert video.user_content(IMAGE_PLACEHOLDER).startswith("\n".join([IMAGE_PLACEHOLDER] * len(video.images)) + "\n")
+
+
+def test_the_suite_keeps_the_kinds_the_architecture_takes() -> None:
+    """A text-only LLM gets the shipped suite's text prompts; a user's suite with images is refused for it."""
+    suite = load_prompts()
+    assert prompts_for(MINICPMV26, suite, user_suite=False) == suite
+    assert {p.kind for p in prompts_for(QWEN2, suite, user_suite=False)} == {"text"}
+    with pytest.raises(InputError, match="Qwen2 takes text prompts, not image, multi_image, video"):
+        prompts_for(QWEN2, suite, user_suite=True)
 
 
 @pytest.mark.parametrize(("line", "message"), [

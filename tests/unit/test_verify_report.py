@@ -96,8 +96,8 @@ def test_speed_memory_rows_side_by_side() -> None:
 def test_kv_bytes_per_token_of_minicpmv26() -> None:
     # Qwen2-7B: 28 layers x (K + V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB per token.
     assert kv_bytes_per_token(MINICPMV26_LLM_SHAPES) == 28 * 2 * 4 * 128 * 2 == 57344
-    assert kv_bytes_per_token({"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4,
-                                               "hidden_size": 256}}) == 2 * 2 * 4 * 64 * 2
+    assert kv_bytes_per_token({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}) == \
+        2 * 2 * 4 * 64 * 2
 
 
 def test_fit_in_24_gib_for_real_minicpmv26_shapes() -> None:
@@ -153,7 +153,7 @@ def test_no_decisive_position_is_said_not_printed_as_agreement(tmp_path: Path) -
     assert row.split(" | ")[5] == "– (no decisive position)"
     assert "no position of that prompt had the 16-bit model's top-1 probability lead its runner-up by at least " \
            "0.05" in markdown
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "minicpmv", "version": 2.6}')
     write_manifest(tmp_path, {})
     card = (write_card(tmp_path)[0]).read_text()
     assert "| cap | text | 3 | 0 | – (no decisive position) | 0 | pass |" in card
@@ -161,7 +161,7 @@ def test_no_decisive_position_is_said_not_printed_as_agreement(tmp_path: Path) -
 
 
 def test_card_and_report_print_a_figure_alike(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "minicpmv", "version": 2.6}')
     write_manifest(tmp_path, {})
     report = sample_report(tmp_path)
     report.variants["int4"]["speed"][0]["decode_tok_s"] = 22681.3

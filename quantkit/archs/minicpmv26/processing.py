@@ -22,10 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from quantkit.archs.minicpmv26 import IMAGE_PLACEHOLDER
 from quantkit.errors import InputError
-
-IMAGE_PLACEHOLDER = "(<image>./</image>)"
-"""What a user turn contains for each image; the processor expands it into the image's token markup."""
 
 
 def _round_to_multiple(length: float, multiple: int) -> int:
