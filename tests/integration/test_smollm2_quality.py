@@ -35,10 +35,11 @@ AUTOAWQ_PPL = 16.60
 # native engine with 8 x 512 calibration tokens 16.60 (64%, as AutoAWQ); the same engine with its scale search
 # replaced by round-to-nearest (clip search only) 18.15 (30%), which fails both this and the 16.93 bound.
 MIN_GAP_CLOSED = 0.5
-# awq-gptq (the same searches, then GPTQ rounding) must close this share. Measured (docs/benchmarks.md): 16.328,
-# 69.8% (awq 16.604, 63.8%; round-to-nearest 0%), so 0.67 (perplexity <= 16.457) separates it from both; the
-# issue's 75% target is missed. It must also beat awq's perplexity evaluated in the same session.
-MIN_GAP_CLOSED_GPTQ = 0.67
+# awq-gptq (the same searches, then GPTQ rounding with act-order and dampening 0.1) must close the 75 %.
+# Measured (docs/benchmarks.md, scripts/bench_calib_size.py on the same 8 blocks): 16.047, 75.9 % (awq 16.604,
+# 63.8 %; round-to-nearest 0 %; awq-gptq in input order with dampening 0.01, the first version, 16.328, 69.8 %),
+# so the bound (perplexity <= 16.087) fails all three. It must also beat awq's perplexity from the same session.
+MIN_GAP_CLOSED_GPTQ = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,8 @@ def test_awq_gptq_closes_more_of_the_gap_than_awq(smollm2_awq_gptq_dir: Path, aw
     gptq = evaluate(smollm2_awq_gptq_dir, **EVAL)
     fp32, rtn = rtn_vs_fp32.reference_perplexity, rtn_vs_fp32.perplexity
     closed = (rtn - gptq.perplexity) / (rtn - fp32)
+    print(f"\nawq-gptq {gptq.perplexity:.3f} (KL {gptq.kl_mean:.4f}, {closed:.1%} of the gap), awq "
+          f"{awq_eval.perplexity:.3f} (KL {awq_eval.kl_mean:.4f}), round-to-nearest {rtn:.3f}, fp32 {fp32:.3f}")
     assert closed >= MIN_GAP_CLOSED_GPTQ, f"awq-gptq {gptq.perplexity:.3f} closes {closed:.0%} of RTN's gap"
     assert gptq.perplexity < awq_eval.perplexity
     assert read_manifest(smollm2_awq_gptq_dir)["quantization"]["settings"]["method"] == "awq-gptq"
