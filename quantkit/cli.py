@@ -122,8 +122,9 @@ def quantize_command(
         "error-compensated GPTQ rounding on the same groups; same release format).")] = "awq",
     device: Annotated[str, typer.Option(help="auto (GPU when visible), cuda, cuda:N or cpu.")] = "auto",
     backend: Annotated[str, typer.Option(
-        help="native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the "
-        "reference; needs pip install 'quantkit[autoawq]').")] = "native",
+        help="native (quantkit's engine; reads one decoder layer at a time) or autoawq (upstream AutoAWQ 0.2.9 "
+        "from the same arch spec, the reference; holds the whole 16-bit model in host memory; "
+        "needs pip install 'quantkit[autoawq]').")] = "native",
     shard_size_gb: Annotated[float, typer.Option(help="Largest safetensors shard, GiB.")] = 4.0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:

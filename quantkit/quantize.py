@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from quantkit.awq.engine import (
     LayerInputs,
     LayerReport,
     LayerResult,
+    LayerWeights,
     capture_layer_inputs,
     move_outside_layers,
     quantize_layers,
@@ -32,7 +33,7 @@ from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, CalibrationSet, load_calibration, micro_batches
 from quantkit.errors import DependencyError, InputError
 from quantkit.io.checkpoint import LayerCheckpoints
-from quantkit.io.model_loading import load_model, load_tokenizer
+from quantkit.io.model_loading import load_model, load_model_streaming, load_tokenizer
 from quantkit.io.release import write_release
 
 
@@ -53,7 +54,8 @@ class QuantizeConfig:
     settings: QuantSettings = field(default_factory=QuantSettings)
     device: str = "auto"
     backend: str = "native"
-    """native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the reference)."""
+    """native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the reference; it
+    holds the whole 16-bit model in host memory, by AutoAWQ's design)."""
     max_shard_bytes: int = 4 * 2**30
 
     def __post_init__(self) -> None:
@@ -161,8 +163,9 @@ def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
 class QuantizedLayers:
     """What a backend hands the release writer: every decoder layer's new state and what was chosen for it."""
 
-    tensors: dict[str, torch.Tensor]
-    """`write_release`'s `layer_tensors`: full names under `{spec.decoder_layers}.{i}.`, on the CPU."""
+    tensors: Mapping[str, torch.Tensor]
+    """`write_release`'s `layer_tensors`: full names under `{spec.decoder_layers}.{i}.`, on the CPU (or read
+    from the work folder's layer files when looked up)."""
     reports: list[dict[str, Any]]
     """One `LayerReport` (as a dict) per layer, in layer order."""
     record: dict[str, Any] = field(default_factory=dict)
@@ -257,14 +260,20 @@ def quantize(
 
 @contextmanager
 def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
-    """The native engine over the model held on the CPU, each finished layer saved to the work folder (a killed
-    run resumes there); the folder is removed once the release is written, kept if anything fails."""
+    """The native engine, each finished layer saved to the work folder (a killed run resumes there) and the
+    release written from those files; the folder is removed once the release is written, kept if anything
+    fails. Where the arch builds its own module tree, decoder layers are read from the source shards when their
+    turn comes and dropped after, so host memory holds the non-decoder parts and about one layer."""
     spec, dev, timings = job.spec, job.device, job.timings
     checkpoints = LayerCheckpoints(work_folder(job.out),
                                    job_fingerprint(job.source, job.config.settings, job.calibration, dev, job.dtype))
     try:
         started = time.perf_counter()
-        model = load_model(job.source, spec, job.dtype)
+        layer_weights: LayerWeights | None = None
+        if spec.build_model is not None:
+            model, layer_weights = load_model_streaming(job.source, spec, job.dtype)
+        else:  # transformers' own class: loaded whole
+            model = load_model(job.source, spec, job.dtype)
         timings["load_s"] = time.perf_counter() - started
         n_layers = len(model.get_submodule(spec.decoder_layers))
         start = checkpoints.completed_layers
@@ -275,6 +284,7 @@ def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
             forwards = calibration_forwards(model, spec, job.source, job.calibration, job.config.settings, dev,
                                             job.dtype)
             inputs = capture_layer_inputs(model, spec, forwards, dev)
+            del forwards  # they hold the model, which is dropped before the release is written
             move_outside_layers(model, spec, "cpu")
             checkpoints.save_kwargs(inputs.kwargs)
         elif start < n_layers:
@@ -293,20 +303,17 @@ def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
         if start < n_layers:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            quantize_layers(model, spec, job.config.settings, inputs, dev, start=start, on_layer_done=layer_done)
+            quantize_layers(model, spec, job.config.settings, inputs, dev, start=start, on_layer_done=layer_done,
+                            layer_weights=layer_weights)
             del inputs
         checkpoints.flush()
         timings["layers_s"] = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
 
-        layer_tensors: dict[str, torch.Tensor] = {}
-        for index in range(n_layers):
-            for name, tensor in checkpoints.load_layer(index).items():
-                layer_tensors[f"{spec.layer_prefix(index)}.{name}"] = tensor
         reports = [checkpoints.reports()[str(i)] for i in range(n_layers)]
         del model
-        yield QuantizedLayers(tensors=layer_tensors, reports=reports, record={"resumed_from_layer": start},
-                              resumed_from_layer=start, peak_gpu_gib=peak)
+        yield QuantizedLayers(tensors=checkpoints.saved_layers(spec.layer_prefix, n_layers), reports=reports,
+                              record={"resumed_from_layer": start}, resumed_from_layer=start, peak_gpu_gib=peak)
     except BaseException:
         checkpoints.close(remove=False)
         raise

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -270,6 +270,15 @@ def quantize_layer(
     return result, (quant_out if settings.inputs_from_quantized else float_out)
 
 
+class LayerWeights(Protocol):
+    """Where decoder layers' weights come from when they are not held by the model: `load` fills layer `index`
+    (left on the meta device) just before it is quantized, `release` empties it again once its result exists."""
+
+    def load(self, index: int, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
 def quantize_layers(
     model: nn.Module,
     spec: ArchSpec,
@@ -278,26 +287,37 @@ def quantize_layers(
     device: torch.device | str,
     start: int = 0,
     on_layer_done: Callable[[LayerResult, list[torch.Tensor]], None] | None = None,
+    layer_weights: LayerWeights | None = None,
 ) -> list[LayerResult]:
     """Quantize decoder layers start.. in order; each layer visits the device only while it is processed.
 
-    The model itself keeps its original 16-bit weights (copying the fake-quantized ones back would cost a
-    device-to-host transfer per layer for nothing): the quantized state is in the results' tensors.
+    Without `layer_weights`, the model holds every layer and keeps its original 16-bit weights (copying the
+    fake-quantized ones back would cost a device-to-host transfer per layer for nothing); with it, each layer
+    is loaded just before its turn and released after, so only one layer's weights exist at a time, and each
+    result goes to `on_layer_done` only (the list returned is empty: kept, the results would add up to the
+    whole quantized model). Either way the quantized state is in the results' tensors.
     """
     layers: Sequence[nn.Module] = model.get_submodule(spec.decoder_layers)
     results = []
     with _tf32_on_cuda(torch.device(device)):
         for index in range(start, len(layers)):
             layer = layers[index]
-            # on the host itself, .to() is a no-op and the searches' in-place scaling would hit these tensors
-            same_device = next(layer.parameters()).device == torch.device(device)
-            host_state = {name: t.data.clone() if same_device else t.data for name, t in _tensors(layer)}
-            layer.to(device)
-            result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
-            for name, t in _tensors(layer):
-                t.data = host_state[name]
+            if layer_weights is not None:
+                layer_weights.load(index, layer)
+                layer.to(device)
+                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
+                layer_weights.release(index, layer)
+            else:
+                # on the host itself, .to() is a no-op and the searches' in-place scaling would hit these tensors
+                same_device = next(layer.parameters()).device == torch.device(device)
+                host_state = {name: t.data.clone() if same_device else t.data for name, t in _tensors(layer)}
+                layer.to(device)
+                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
+                for name, t in _tensors(layer):
+                    t.data = host_state[name]
             inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs)
-            results.append(result)
+            if layer_weights is None:
+                results.append(result)
             if on_layer_done is not None:
                 on_layer_done(result, next_hidden)
     return results

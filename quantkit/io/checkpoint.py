@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantkit.io.chores import read_json, replacing, write_text_atomically
+from quantkit.io.shards import TensorsOnDisk
 
 STATE_FILE = "state.json"
 
@@ -80,8 +83,16 @@ class LayerCheckpoints:
         for future in pending:
             future.result()
 
-    def load_layer(self, index: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.folder / f"layer-{index:04d}.safetensors"))
+    def saved_layers(self, layer_prefix: Callable[[int], str], n_layers: int) -> TensorsOnDisk:
+        """Layers 0..n_layers-1's saved tensors under their full names (`{layer_prefix(i)}.{name}`), each read
+        from its layer file only when looked up."""
+        locations: dict[str, tuple[Path, str]] = {}
+        for index in range(n_layers):
+            path = self.folder / f"layer-{index:04d}.safetensors"
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not a dict
+                    locations[f"{layer_prefix(index)}.{key}"] = (path, key)
+        return TensorsOnDisk(locations)
 
     def load_inputs(self, index: int) -> list[torch.Tensor]:
         data = load_file(str(self.folder / f"inputs-{index:04d}.safetensors"))

@@ -4,11 +4,15 @@ The tree comes from the arch spec's `build_model(config)` on the meta device (no
 every tensor is then assigned by name from the safetensors shards, one shard at a time, cast to the compute
 dtype. A tensor the tree does not have, or a parameter no shard provides, is an error that names it: a
 look-alike tree that silently skipped weights would calibrate a different model.
+
+For quantizing, the decoder layers can stay on the meta device (`load_model_streaming`): each is read from the
+shards when its turn comes and dropped once done, so host memory holds the non-decoder parts and about one
+layer, whatever the model size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +20,60 @@ import torch
 from torch import nn
 
 from quantkit.errors import InputError
-from quantkit.io.shards import ShardReader, weight_map
+from quantkit.io.shards import ShardReader, read_config, weight_map
 
 ASSIGN_BATCH = 256
+
+
+def _by_shard(mapping: dict[str, str]) -> list[str]:
+    """Tensor names grouped shard by shard (each shard file is then read front to back once)."""
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in mapping.items():
+        by_shard.setdefault(shard, []).append(name)
+    return [name for names in by_shard.values() for name in names]
 
 
 def shard_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the folder's safetensors shards, shard by shard."""
     mapping = weight_map(folder)
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in mapping.items():
-        by_shard.setdefault(shard, []).append(name)
     with ShardReader(folder, mapping) as reader:
-        for names in by_shard.values():
-            for name in names:
-                yield name, reader.get(name)
+        for name in _by_shard(mapping):
+            yield name, reader.get(name)
+
+
+def _compute_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def build_and_load(build: Any, config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]],
-                   dtype: torch.dtype, source: str) -> nn.Module:
-    """`build(config)` on the meta device, then every tensor assigned by name in `dtype` (floats only)."""
+                   dtype: torch.dtype, source: str, *, later: Mapping[str, Sequence[int]] | None = None) -> nn.Module:
+    """`build(config)` on the meta device, then every tensor assigned by name in `dtype` (floats only).
+
+    `later`: name -> shape of checkpoint tensors left on the meta device for now (decoder layers read when their
+    turn comes); their names and shapes are checked against the tree here all the same, so a mismatch fails
+    before calibration rather than at layer 20."""
     with torch.device("meta"):
         model = build(config)
     expected = model.state_dict()
     unexpected: list[str] = []
-    pending: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors:
+
+    def has_place(name: str, shape: Sequence[int]) -> bool:
         if name not in expected:
             unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise InputError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but config.json makes it "
+            return False
+        if tuple(shape) != tuple(expected[name].shape):
+            raise InputError(f"{source}: tensor {name} has shape {tuple(shape)}, but config.json makes it "
                              f"{tuple(expected[name].shape)}; the weights and config.json do not belong together.")
-        pending[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return True
+
+    later = later or {}
+    for name, shape in later.items():
+        has_place(name, shape)
+    pending: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if not has_place(name, tensor.shape):
+            continue
+        pending[name] = _compute_tensor(tensor, dtype)
         if len(pending) >= ASSIGN_BATCH:  # each load_state_dict call walks every module: batch them
             model.load_state_dict(pending, strict=False, assign=True)
             pending = {}
@@ -56,7 +81,7 @@ def build_and_load(build: Any, config: dict[str, Any], tensors: Iterable[tuple[s
     if unexpected:
         raise InputError(f"{source}: {len(unexpected)} tensor(s) that the model has no place for, e.g. "
                          f"{', '.join(sorted(unexpected)[:3])}; is config.json from another model or version?")
-    missing = sorted(name for name, param in model.named_parameters() if param.is_meta)
+    missing = sorted(name for name, param in model.named_parameters() if param.is_meta and name not in later)
     if missing:
         raise InputError(f"{source}: {len(missing)} weight(s) missing from the safetensors files, e.g. "
                          f"{', '.join(missing[:3])}; the download is incomplete (run `quantkit download` again).")
@@ -73,10 +98,53 @@ def load_model(folder: Path, spec: Any, dtype: torch.dtype) -> nn.Module:
     """The checkpoint in `folder` as a float model in `dtype` on the CPU, without running any of its code:
     the spec's own module tree where it has one, else transformers' class for the spec's auto class."""
     if spec.build_model is not None:
-        from quantkit.io.shards import read_config
-
         return build_and_load(spec.build_model, read_config(folder), shard_tensors(folder), dtype, str(folder))
     return spec.native_class().from_pretrained(str(folder), dtype=dtype, trust_remote_code=False).eval()
+
+
+class StreamedLayers:
+    """The decoder layers of a model loaded by `load_model_streaming`: `load(index, layer)` fills the meta-device
+    layer with its checkpoint tensors in the compute dtype, `release(index, layer)` puts it back on the meta
+    device, freeing its host memory. The shards are opened per layer: a handle kept open would keep every page
+    read so far mapped (resident) until the end of the run."""
+
+    def __init__(self, folder: Path, mapping: dict[str, str], names: dict[int, list[str]], spec: Any,
+                 dtype: torch.dtype) -> None:
+        self._folder = folder
+        self._mapping = mapping
+        self._names = names
+        self._spec = spec
+        self._dtype = dtype
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        prefix = self._spec.layer_prefix(index) + "."
+        with ShardReader(self._folder, self._mapping) as reader:
+            state = {name.removeprefix(prefix): _compute_tensor(reader.get(name), self._dtype)
+                     for name in self._names.get(index, [])}
+        layer.load_state_dict(state, strict=True, assign=True)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        layer.to("meta")
+
+
+def load_model_streaming(folder: Path, spec: Any, dtype: torch.dtype) -> tuple[nn.Module, StreamedLayers]:
+    """As `load_model`, but the decoder layers stay on the meta device, to be filled one at a time through the
+    returned `StreamedLayers`. Needs the spec's own module tree (`spec.build_model`)."""
+    if spec.build_model is None:
+        raise ValueError(f"{spec.name}: streaming needs the arch's own module tree (spec.build_model)")
+    mapping = weight_map(folder)
+    prefix = spec.decoder_layers + "."
+    names: dict[int, list[str]] = {}
+    shapes: dict[str, list[int]] = {}
+    with ShardReader(folder, mapping) as reader:
+        for name in _by_shard(mapping):
+            head = name.removeprefix(prefix).split(".", 1)[0]
+            if name.startswith(prefix) and head.isdigit():
+                names.setdefault(int(head), []).append(name)
+                shapes[name] = reader.shape_dtype(name)[0]
+        others = ((name, reader.get(name)) for name in _by_shard(mapping) if name not in shapes)
+        model = build_and_load(spec.build_model, read_config(folder), others, dtype, str(folder), later=shapes)
+    return model, StreamedLayers(folder, mapping, names, spec, dtype)
 
 
 def load_tokenizer(folder: Path, spec: Any) -> Any:

@@ -26,17 +26,19 @@ from quantkit.archs import ArchSpec
 from quantkit.errors import InputError
 from quantkit.io.chores import package_versions
 from quantkit.io.manifest import MANIFEST_NAME, hash_file, read_manifest, write_manifest
-from quantkit.io.shards import WEIGHT_INDEX, ShardReader, num_layers, weight_map
+from quantkit.io.shards import (
+    SAFETENSORS_DTYPES,
+    WEIGHT_INDEX,
+    ShardReader,
+    TensorsOnDisk,
+    num_layers,
+    weight_map,
+)
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
 """The AutoAWQ GEMM tensors that replace a quantized linear's `.weight`, in `dequantize_gemm`'s argument order."""
 # Files of the source that the release must not inherit: its 16-bit weights in any format, their indexes.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 TOOLS = ("quantkit", "torch", "transformers", "safetensors")
 
 
@@ -70,6 +72,15 @@ def release_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch
             f"(max {torch.finfo(dtype).max:.6g}); write the release with dtype=torch.bfloat16 instead."
         )
     return cast
+
+
+def _shape_dtype(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """A layer tensor's shape and dtype, from the file header where `tensors` reads lazily (checking and
+    planning then read no layer file; only writing does, once)."""
+    if isinstance(tensors, TensorsOnDisk):
+        return tensors.shape_dtype(name)
+    tensor = tensors[name]
+    return tuple(tensor.shape), tensor.dtype
 
 
 def _layer_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
@@ -132,7 +143,7 @@ def _check_layer_tensors(layer_tensors: Mapping[str, torch.Tensor], source_names
             )
         for linear in quantized.values():
             for suffix, wanted in (("qweight", torch.int32), ("qzeros", torch.int32), ("scales", torch.float16)):
-                got = layer_tensors[f"{linear}.{suffix}"].dtype
+                got = _shape_dtype(layer_tensors, f"{linear}.{suffix}")[1]
                 if got != wanted:
                     raise InputError(f"{linear}.{suffix} is {got}; the AutoAWQ GEMM layout stores {wanted}.")
     return by_layer
@@ -149,10 +160,9 @@ def _plan(mapping: dict[str, str], reader: ShardReader, layer_tensors: Mapping[s
             if index not in emitted:
                 emitted.add(index)
                 for new in sorted(by_layer[index]):
-                    tensor = layer_tensors[new]
-                    itemsize = _layer_dtype(new, dtype).itemsize if tensor.is_floating_point() \
-                        else tensor.element_size()
-                    planned.append(_Planned(new, True, tensor.numel() * itemsize))
+                    shape, stored = _shape_dtype(layer_tensors, new)
+                    itemsize = _layer_dtype(new, dtype).itemsize if stored.is_floating_point else stored.itemsize
+                    planned.append(_Planned(new, True, math.prod(shape) * itemsize))
             continue
         shape, stored = reader.shape_dtype(name)
         source_dtype = SAFETENSORS_DTYPES.get(stored)
@@ -243,7 +253,8 @@ def write_release(
 ) -> Path:
     """Write the release folder `out_dir` from the 16-bit `source_dir` and the quantized decoder layers.
 
-    `layer_tensors` holds, for every quantized layer i, its complete new state under `{spec.decoder_layers}.{i}.`
+    `layer_tensors` (a dict, or `TensorsOnDisk` to read each tensor only when its output shard is written)
+    holds, for every quantized layer i, its complete new state under `{spec.decoder_layers}.{i}.`
     (qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales fp16 [in/g, out] and any bias per quantized
     linear, plus the layer's other parameters, e.g. AWQ-scaled norms). Everything else is streamed from the
     source and cast to `dtype`. Returns `out_dir`; an existing one is replaced only with `force`, and only once

@@ -4,6 +4,7 @@ whole model in memory, only the tensor (or output shard) they are working on."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Self
@@ -14,6 +15,11 @@ from safetensors import safe_open
 from quantkit.errors import InputError
 
 WEIGHT_INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def weight_map(folder: str | Path) -> dict[str, str]:
@@ -98,3 +104,30 @@ class ShardReader:
         """(shape, safetensors dtype string such as "BF16") read from the header only."""
         view = self._handle(name).get_slice(name)
         return list(view.get_shape()), view.get_dtype()
+
+
+class TensorsOnDisk(Mapping[str, torch.Tensor]):
+    """Tensors by name, each read from its safetensors file only when looked up, and their shapes and dtypes
+    from the file headers alone: the release writer takes a whole model's quantized layers this way while
+    holding one output shard in memory."""
+
+    def __init__(self, locations: dict[str, tuple[Path, str]]) -> None:
+        """`locations`: name -> (safetensors file, the tensor's key inside it)."""
+        self._locations = locations
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, key = self._locations[name]
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._locations)
+
+    def __len__(self) -> int:
+        return len(self._locations)
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        path, key = self._locations[name]
+        with safe_open(str(path), framework="pt") as handle:
+            view = handle.get_slice(key)
+            return tuple(view.get_shape()), SAFETENSORS_DTYPES[view.get_dtype()]

@@ -32,8 +32,8 @@ from quantkit.archs import ArchSpec, spec_for_config
 from quantkit.awq.quant import dequantize_gemm
 from quantkit.errors import InputError
 from quantkit.io.manifest import MANIFEST_NAME, hash_file, read_manifest
-from quantkit.io.release import QUANT_SUFFIXES, SAFETENSORS_DTYPES, layer_index
-from quantkit.io.shards import WEIGHT_INDEX, ShardReader, weight_map
+from quantkit.io.release import QUANT_SUFFIXES, layer_index
+from quantkit.io.shards import SAFETENSORS_DTYPES, WEIGHT_INDEX, ShardReader, weight_map
 
 MAX_PROBLEMS = 100
 CONFIG_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
