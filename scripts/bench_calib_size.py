@@ -34,6 +34,7 @@ from quantkit.testing.smollm2 import smollm2_checkpoint
 VARIANTS = {
     # name: (backend, settings changes)
     "native": ("native", {}),
+    "native-no-screen": ("native", {"scale_screen_tokens": None}),
     "native-16bit-inputs": ("native", {"inputs_from_quantized": False}),
     "native-no-clip": ("native", {"clip": False}),
     "native-16bit-inputs-no-clip": ("native", {"inputs_from_quantized": False, "clip": False}),

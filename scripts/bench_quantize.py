@@ -161,6 +161,7 @@ def output_errors(model, results, held: HeldOut, device: str) -> dict:
 
 METHODS = {
     "awq": {},
+    "awq-no-screen": {"scale_screen_tokens": None},
     "awq-gptq": {"method": "awq-gptq"},
     "awq-gptq-input-order": {"method": "awq-gptq", "gptq_act_order": False},
 }
@@ -200,7 +201,55 @@ def bench_native(args, model, held: HeldOut, device: str, method: str) -> dict:
         "peak_gpu_gib": peak,
         **output_errors(model, results, held, device),
         "ratios": [r.report.ratios for r in results],
+        "scale_losses": [r.report.scale_losses for r in results],
     }
+
+
+def same_choices(first: dict, second: dict) -> str:
+    """How many (layer, scaling group) ratios two runs share, and the first layer where they part."""
+    pairs = [(layer, group) for layer, ratios in enumerate(first["ratios"]) for group in ratios]
+    same = sum(first["ratios"][layer][group] == second["ratios"][layer].get(group) for layer, group in pairs)
+    differ = [layer for layer, group in pairs if first["ratios"][layer][group] != second["ratios"][layer].get(group)]
+    where = f", first difference at layer {differ[0]}" if differ else ""
+    return f"{same}/{len(pairs)} scale ratios the same{where}"
+
+
+@torch.no_grad()
+def compare_screening(args, model, held: HeldOut, device: str) -> dict:
+    """Per layer, on the same inputs: the full scale search (every grid point on every token) and the screened
+    one (the default); the ratios each chose and the full-set loss of each choice. The next layer gets the full
+    search's outputs, so every layer is compared on identical inputs."""
+    from quantkit.awq.engine import quantize_layer
+
+    rows = max(1, QuantSettings().max_batch_tokens // args.seq_len)
+    move_outside_layers(model, QWEN2, device)
+    inputs = capture_layer_inputs(
+        model, QWEN2, [lambda c=c: model(input_ids=c.to(device), use_cache=False) for c in held.ids.split(rows)],
+        device)
+    move_outside_layers(model, QWEN2, "cpu")
+    layers = []
+    for index, layer in enumerate(model.model.layers):
+        host = {name: p.data for name, p in layer.named_parameters()}
+        layer.to(device)
+        original = {k: v.clone() for k, v in layer.state_dict().items()}
+        full, next_hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=None), index)
+        layer.load_state_dict(original)
+        screened, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index)
+        for name, p in layer.named_parameters():
+            p.data = host[name]
+        inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs)
+        for group, ratio in full.report.ratios.items():
+            layers.append({"layer": index, "group": group, "full_ratio": ratio,
+                           "screened_ratio": screened.report.ratios[group],
+                           "full_loss": full.report.scale_losses[group],
+                           "screened_loss": screened.report.scale_losses[group],
+                           "full_s": full.report.seconds, "screened_s": screened.report.seconds})
+    same = sum(r["full_ratio"] == r["screened_ratio"] for r in layers)
+    excess = [r["screened_loss"] / r["full_loss"] - 1 for r in layers if r["full_ratio"] != r["screened_ratio"]]
+    print(f"\nscreened vs full scale search, same inputs per layer: {same}/{len(layers)} ratios the same"
+          + (f"; where they differ, the screened choice's full-set loss is {min(excess):+.3%} .. {max(excess):+.3%} "
+             f"above the full search's best" if excess else ""))
+    return {"groups": layers, "same": same, "total": len(layers), "loss_excess": excess}
 
 
 def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
@@ -245,6 +294,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="hidden 256 instead of MiniCPM-V 2.6's shapes (CPU check)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compare-screening", action="store_true",
+                        help="also run the full and the screened scale search layer by layer on the same inputs "
+                             "and compare their choices and losses")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top CUDA ops (native)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -273,6 +325,10 @@ def main() -> None:
                 del model
                 model = build_llm(args.layers, device, dtype, args.seed, shapes)
             results.append(bench_native(args, model, held, device, method))
+    if args.compare_screening:
+        del model
+        model = build_llm(args.layers, device, dtype, args.seed, shapes)
+        results[0]["screening"] = compare_screening(args, model, held, device)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -294,6 +350,9 @@ def main() -> None:
         speed["time_ratios"] = {r["backend"]: r["wall_s"] / results[0]["wall_s"] for r in results[1:len(methods)]}
         for name, ratio in speed["time_ratios"].items():
             print(f"\n{name} takes {ratio:.2f}x {results[0]['backend']}'s time ({args.layers} layers, same data)")
+        speed["same_choices"] = {r["backend"]: same_choices(results[0], r) for r in results[1:len(methods)]}
+        for name, agreement in speed["same_choices"].items():
+            print(f"{name} vs {results[0]['backend']}: {agreement}")
     if args.backend == "both":
         speed["speed_ratio"] = results[-1]["wall_s"] / results[0]["wall_s"]
         print(f"\nnative is {speed['speed_ratio']:.1f}x faster than AutoAWQ 0.2.9 ({args.layers} layers, same data); "

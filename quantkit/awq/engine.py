@@ -23,10 +23,12 @@ from quantkit.awq.quant import GroupQuant, pack_gemm, quantize
 from quantkit.awq.search import (
     apply_clip,
     channel_mean_abs,
+    clip_grams,
     gram,
     search_clip,
     search_scales_block,
     search_scales_linear,
+    screening_subset,
 )
 from quantkit.awq.settings import QuantSettings
 
@@ -181,13 +183,19 @@ def quantize_layer(
 
     report = LayerReport(index=index)
     chosen: list[tuple[ScalingGroup, torch.Tensor]] = []
+    unscaled_grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # input -> (X^T X, the scales chosen)
     for group in spec.scaling_groups:
         if not _group_applies(layer, group):
             continue
         group_inputs = features[group.linears[0]]
         x_mean = channel_mean_abs(group_inputs)
         if group.inspect is None and len(group.linears) == 1:
-            choice = search_scales_linear(linears[group.linears[0]].weight, group_inputs, x_mean, settings)
+            input_gram = gram(group_inputs)
+            choice = search_scales_linear(linears[group.linears[0]].weight, group_inputs, x_mean, settings,
+                                          input_gram=input_gram)
+            if settings.method == "awq-gptq":  # the Hessian of the scaled inputs x / s, without another pass
+                unscaled_grams[id(group_inputs[0])] = (input_gram[0], choice.scales)
+            del input_gram
         else:
             block = layer.get_submodule(group.inspect or group.linears[0])
 
@@ -195,8 +203,12 @@ def quantize_layer(
                 kwargs = inputs.kwargs[i] if group.inspect_takes_layer_kwargs else {}
                 return _first(block(x, **kwargs))
 
+            screen = None
+            if settings.scale_screen_tokens is not None:
+                screen = screening_subset(group_inputs, settings.scale_screen_tokens,
+                                          whole_batches=group.inspect_takes_layer_kwargs)
             choice = search_scales_block(
-                [linears[n] for n in group.linears], group_inputs, x_mean, run_block, settings
+                [linears[n] for n in group.linears], group_inputs, x_mean, run_block, settings, screen
             )
         chosen.append((group, choice.scales))
         report.ratios[group.prev] = choice.ratio
@@ -217,14 +229,27 @@ def quantize_layer(
             shared_input.append([name])
         else:
             same.append(name)
-    hessians = [gram(features[names[0]])[0] for names in shared_input]
+
+    def hessian(x: list[torch.Tensor]) -> torch.Tensor:
+        if id(x[0]) not in unscaled_grams:
+            return gram(x)[0]
+        g, s = unscaled_grams.pop(id(x[0]))
+        s = s.to(g.device)
+        return g.div_(s.unsqueeze(0)).div_(s.unsqueeze(1))
+
+    hessians = [hessian(features[names[0]]) for names in shared_input]
+    unscaled_grams.clear()
 
     clips: dict[str, torch.Tensor] = {}
     if settings.clip:
+        grams_by_input: dict[int, torch.Tensor] = {}  # gate/up see the same tensors: one set of Gram matrices
         for name, lin in linears.items():
             if name in spec.no_clip:
                 continue
-            max_val, loss = search_clip(lin.weight, features[name], settings)
+            key = id(features[name][0])
+            if key not in grams_by_input:
+                grams_by_input = {key: clip_grams(features[name], settings)}
+            max_val, loss = search_clip(lin.weight, features[name], settings, grams_by_input[key])
             lin.weight.data = apply_clip(lin.weight, max_val, settings.group_size)
             clips[name] = max_val.cpu()
             report.clip_losses[name] = loss

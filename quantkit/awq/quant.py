@@ -65,11 +65,11 @@ def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> torc
 def fake_quantize_groups_(g: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """In place on float32 groups [..., group_size]: the searches' hot path, so no temporaries of g's size."""
     max_int = 2**bits - 1
-    w_max = g.amax(dim=-1, keepdim=True)
-    w_min = g.amin(dim=-1, keepdim=True)
+    w_min, w_max = torch.aminmax(g, dim=-1, keepdim=True)
     s = ((w_max - w_min).clamp_(min=1e-5) / max_int).to(torch.float16).float()
     z = (-torch.round(w_min / s)).clamp_(0, max_int)
-    return g.div_(s).round_().add_(z).clamp_(0, max_int).sub_(z).mul_(s)
+    # clamp(round(w / s) + z, 0, max) - z, as one clamp: the same integers, two passes over g fewer
+    return g.div_(s).round_().clamp_(min=-z, max=max_int - z).mul_(s)
 
 
 def _pack_columns(x: torch.Tensor) -> torch.Tensor:

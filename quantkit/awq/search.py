@@ -90,9 +90,12 @@ def search_scales_linear(
     x_mean: torch.Tensor,
     settings: QuantSettings,
     max_candidates_bytes: int = 2 * 2**30,
+    input_gram: tuple[torch.Tensor, int] | None = None,
 ) -> ScaleChoice:
-    """Scale search for a group whose inspected block is the single linear `weight` [out, in]."""
-    g, tokens = gram(inputs)
+    """Scale search for a group whose inspected block is the single linear `weight` [out, in].
+
+    `input_gram`: gram(inputs), when the caller keeps it for later use."""
+    g, tokens = input_gram if input_gram is not None else gram(inputs)
     # On a GPU the (W' - W) G products run in the weight's 16-bit dtype: W' - W is small, so its rounding
     # is relative to the error itself, and the sums accumulate in float32.
     product_dtype = weight.dtype if weight.is_cuda else torch.float32
@@ -117,34 +120,83 @@ def search_scales_linear(
     return _best(ratios, losses, x_mean, w_mean, settings)
 
 
+def screening_subset(
+    batches: Sequence[torch.Tensor], max_tokens: int, whole_batches: bool
+) -> list[tuple[int, torch.Tensor]] | None:
+    """About `max_tokens` tokens of whole sequences, spread evenly over the micro-batches [B, L, F], as
+    (micro-batch index, activations) pairs; None when that is all of them.
+
+    Whole sequences keep attention meaningful and every position represented (a token stride would oversample
+    position 0, the attention sink). `whole_batches` picks whole micro-batches instead, for blocks that need
+    each micro-batch's own layer kwargs (masks, rotary tables).
+    """
+    sizes = [x.shape[0] * x.shape[1] for x in batches]
+    total = sum(sizes)
+    if total <= max_tokens:
+        return None
+    if whole_batches:
+        count = math.ceil(max_tokens / (total / len(batches)))
+        if count >= len(batches):
+            return None
+        return [(i, batches[i]) for i in sorted({round(j * len(batches) / count) for j in range(count)})]
+    stride = math.ceil(total / max_tokens)
+    picked, row = [], 0
+    for i, x in enumerate(batches):
+        rows = [r for r in range(x.shape[0]) if (row + r) % stride == 0]
+        row += x.shape[0]
+        if rows:
+            picked.append((i, x[rows]))
+    return picked
+
+
 def search_scales_block(
     linears: Sequence[torch.nn.Linear],
     inputs: Sequence[torch.Tensor],
     x_mean: torch.Tensor,
     run_block: Callable[[int, torch.Tensor], torch.Tensor],
     settings: QuantSettings,
+    screen: Sequence[tuple[int, torch.Tensor]] | None = None,
 ) -> ScaleChoice:
     """Scale search for a group inspected through a block (attention, MLP): the block is re-run per grid point.
 
-    `run_block(i, x)` runs the block on micro-batch i. The linears' weights are restored before returning.
+    `run_block(i, x)` runs the block on micro-batch i (or on rows of it). With a `screen` (screening_subset),
+    every grid point is scored on it first and only the `settings.scale_finalists` best on all inputs: the
+    loss curve over the grid is smooth, so the full set's best is among the screen's few best at a fraction of
+    the FLOPs. The other grid points' `losses` are then NaN. The linears' weights are restored before returning.
     """
     w_mean = weight_channel_mean([lin.weight for lin in linears], settings.group_size)
     originals = [lin.weight.data.clone() for lin in linears]
-    reference = [run_block(i, x).float() for i, x in enumerate(inputs)]
     ratios = [i / settings.scale_grid for i in range(settings.scale_grid)]
-    losses: list[float] = []
-    try:
-        for r in ratios:
-            s = candidate_scales(x_mean, w_mean, r, settings.duo_scaling)
+
+    def score(candidates: list[int], batches: Sequence[tuple[int, torch.Tensor]]) -> list[float]:
+        for lin, w in zip(linears, originals):
+            lin.weight.data = w
+        reference = [run_block(i, x).float() for i, x in batches]
+        losses = []
+        for c in candidates:
+            s = candidate_scales(x_mean, w_mean, ratios[c], settings.duo_scaling)
             for lin, w in zip(linears, originals):
                 lin.weight.data = scaled_fake_quant(w, s, settings)
             err = torch.zeros((), dtype=torch.float64, device=x_mean.device)
             count = 0
-            for i, x in enumerate(inputs):
-                diff = run_block(i, x).float().sub_(reference[i]).view(-1)
+            for (i, x), ref in zip(batches, reference):
+                diff = run_block(i, x).float().sub_(ref).view(-1)
                 err += torch.dot(diff, diff)
                 count += diff.numel()
             losses.append(err.item() / count)
+        return losses
+
+    everything = list(enumerate(inputs))
+    try:
+        if screen is None:
+            losses = score(list(range(len(ratios))), everything)
+        else:
+            screened = score(list(range(len(ratios))), screen)
+            ranked = sorted(range(len(ratios)), key=lambda c: (not math.isfinite(screened[c]), screened[c], c))
+            finalists = sorted(ranked[: settings.scale_finalists])
+            losses = [math.nan] * len(ratios)
+            for c, loss in zip(finalists, score(finalists, everything)):
+                losses[c] = loss
     finally:
         for lin, w in zip(linears, originals):
             lin.weight.data = w
@@ -190,15 +242,22 @@ def group_grams(batches: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     return total / count
 
 
+def clip_grams(batches: Sequence[torch.Tensor], settings: QuantSettings) -> torch.Tensor:
+    """What the clip search scores with: group_grams of every token, or of `settings.clip_tokens` strided ones."""
+    if settings.clip_tokens is not None:
+        batches = [strided_tokens(batches, settings.clip_tokens)]
+    return group_grams(batches, settings.group_size)
+
+
 def search_clip(
-    weight: torch.Tensor, batches: Sequence[torch.Tensor], settings: QuantSettings
+    weight: torch.Tensor, batches: Sequence[torch.Tensor], settings: QuantSettings, grams: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
     """Per (output row, group) clip bound max|w| * (1 - k / grid), k < grid * max_shrink, minimising the
     group's partial-output error on the input micro-batches (every token, or `settings.clip_tokens` strided
-    ones). Returns the bound [out, groups] and the mean error."""
-    if settings.clip_tokens is not None:
-        batches = [strided_tokens(batches, settings.clip_tokens)]
-    grams = group_grams(batches, settings.group_size)
+    ones). `grams`: clip_grams(batches, settings), when linears fed the same input already computed it.
+    Returns the bound [out, groups] and the mean error."""
+    if grams is None:
+        grams = clip_grams(batches, settings)
     out_features, in_features = weight.shape
     gs = settings.group_size
     groups = in_features // gs

@@ -32,6 +32,11 @@ class QuantSettings:
     version: str = "gemm"
     scale_grid: int = 20
     """Grid points for the scale exponent alpha in [0, 1)."""
+    scale_screen_tokens: int | None = 8192
+    """Groups scored through a block (attention, MLP): every grid point is first scored on about this many
+    tokens (whole sequences, evenly spread), and only the `scale_finalists` best on every token. None: every
+    grid point on every token (AutoAWQ's brute force; the same choice where the full set's best is a finalist)."""
+    scale_finalists: int = 3
     duo_scaling: bool = True
     """s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's default) instead of mean|x|^a alone."""
     clip: bool = True
@@ -62,6 +67,12 @@ class QuantSettings:
             if self.gptq_block_size <= 0:
                 raise InputError(f"gptq_block_size={self.gptq_block_size}: use a positive number of columns "
                                  f"(128 is standard).")
+        if self.scale_screen_tokens is not None and self.scale_screen_tokens <= 0:
+            raise InputError(f"scale_screen_tokens={self.scale_screen_tokens}: use a positive token count "
+                             f"(8192 is the default) or null for the full search.")
+        if self.scale_finalists < 1:
+            raise InputError(f"scale_finalists={self.scale_finalists}: at least one grid point must be scored "
+                             f"on every token; use 1 or more (3 is the default).")
         if not 0 < self.clip_max_shrink < 1:
             raise InputError(f"clip_max_shrink={self.clip_max_shrink}: must lie in (0, 1).")
 

@@ -14,6 +14,7 @@ from quantkit.awq.search import (
     scaled_fake_quant,
     search_clip,
     search_scales_linear,
+    screening_subset,
     weight_channel_mean,
 )
 from quantkit.awq.settings import QuantSettings
@@ -118,7 +119,8 @@ def test_decoder_layer_awq_beats_round_to_nearest(tiny_qwen2):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"bits": 8}, "bits=8"), ({"zero_point": False}, "zero point"), ({"group_size": 100}, "group_size=100"),
-     ({"version": "gemv"}, "gemm"), ({"clip_max_shrink": 1.5}, "clip_max_shrink")],
+     ({"version": "gemv"}, "gemm"), ({"clip_max_shrink": 1.5}, "clip_max_shrink"),
+     ({"scale_screen_tokens": 0}, "scale_screen_tokens=0"), ({"scale_finalists": 0}, "scale_finalists=0")],
 )
 def test_settings_refuse_what_the_gemm_layout_cannot_hold(kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -163,3 +165,40 @@ def test_engine_packs_what_it_computes_with_on_the_awq_grid(tiny_qwen2):
         q_awq = unpack_gemm(*[awq.tensors[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales")]).q
         assert (unpack_gemm(*packed).q != q_awq).float().mean() > 0.05
     assert gptq.report.output_rel_mse < 0.5 * awq.report.output_rel_mse
+
+
+def test_screening_subset_spreads_whole_sequences_over_the_micro_batches():
+    batches = [torch.full((4, 64, 8), float(i)) for i in range(4)]  # 16 sequences, 1024 tokens
+    assert screening_subset(batches, 1024, whole_batches=False) is None
+    rows = screening_subset(batches, 256, whole_batches=False)  # every 4th sequence
+    assert [(i, tuple(x.shape), x[0, 0, 0].item()) for i, x in rows] == [(i, (1, 64, 8), float(i)) for i in range(4)]
+    assert [i for i, _ in screening_subset(batches, 512, whole_batches=True)] == [0, 2]
+    assert screening_subset(batches, 1000, whole_batches=True) is None
+
+
+def test_screened_scale_search_keeps_the_full_search_choices_with_fewer_block_runs(tiny_qwen2):
+    """Screening on a quarter of the sequences, then 3 finalists on all: the same ratios as scoring every grid
+    point on every token, the same losses for them, and the MLP run 20 + 1 times on the screen plus 3 + 1 times on
+    the full set instead of 20 + 1 times on the full set."""
+    model = tiny_qwen2
+    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(11))
+    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
+    layer = model.model.layers[0]
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    mlp_rows: list[int] = []
+    handle = layer.mlp.register_forward_hook(lambda m, a, o: mlp_rows.append(a[0].shape[0]))
+    try:
+        runs = {}
+        for screen in (None, 256):
+            mlp_rows.clear()
+            result, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=screen), index=0)
+            layer.load_state_dict(original)
+            runs[screen] = (result.report, list(mlp_rows))
+    finally:
+        handle.remove()
+    full, screened = runs[None][0], runs[256][0]
+    assert screened.ratios == full.ratios
+    assert screened.scale_losses == pytest.approx(full.scale_losses, rel=1e-6)
+    # the layer's float and quantized forwards (4 micro-batches each) frame the search's runs
+    assert runs[None][1] == [4] * 4 + [4] * 4 * 21 + [4] * 4
+    assert runs[256][1] == [4] * 4 + [1] * 4 * 21 + [4] * 4 * 4 + [4] * 4
