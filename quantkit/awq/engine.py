@@ -25,10 +25,10 @@ from quantkit.awq.search import (
     channel_mean_abs,
     clip_grams,
     gram,
+    screening_subset,
     search_clip,
     search_scales_block,
     search_scales_linear,
-    screening_subset,
 )
 from quantkit.awq.settings import QuantSettings
 

@@ -12,9 +12,9 @@ from quantkit.awq.search import (
     channel_mean_abs,
     group_grams,
     scaled_fake_quant,
+    screening_subset,
     search_clip,
     search_scales_linear,
-    screening_subset,
     weight_channel_mean,
 )
 from quantkit.awq.settings import QuantSettings
