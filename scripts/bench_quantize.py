@@ -162,6 +162,10 @@ def output_errors(model, results, held: HeldOut, device: str) -> dict:
 METHODS = {
     "awq": {},
     "awq-no-screen": {"scale_screen_tokens": None},
+    "awq-screen4096": {"scale_screen_tokens": 4096},
+    "awq-finalists2": {"scale_finalists": 2},
+    "awq-screen4096-finalists2": {"scale_screen_tokens": 4096, "scale_finalists": 2},
+    "awq-screen16384-finalists4": {"scale_screen_tokens": 16384, "scale_finalists": 4},
     "awq-gptq": {"method": "awq-gptq"},
     "awq-gptq-input-order": {"method": "awq-gptq", "gptq_act_order": False},
 }
