@@ -164,7 +164,7 @@ class QuantizedLayers:
     """What a backend hands the release writer: every decoder layer's new state and what was chosen for it."""
 
     tensors: Mapping[str, torch.Tensor]
-    """`write_release`'s `layer_tensors`: full names under `{spec.decoder_layers}.{i}.`, on the CPU (or read
+    """`write_release`'s `layer_tensors`: full names under `{spec.checkpoint_prefix}.{i}.`, on the CPU (or read
     from the work folder's layer files when looked up)."""
     reports: list[dict[str, Any]]
     """One `LayerReport` (as a dict) per layer, in layer order."""
