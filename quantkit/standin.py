@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantkit.archs import MINICPMV26
+from quantkit.archs import MINICPMV26, QWEN2_5_VL
 from quantkit.errors import InputError
 
 REMOTE_CODE_DIR = Path(__file__).parent / "standin_code"
@@ -395,13 +395,15 @@ def write_processor_configs(out_dir: Path, size: StandinSize) -> None:
     }, indent=2) + "\n")
 
 
-def build_standin(out_dir: str | Path, size: StandinSize = TINY, seed: int = 0,
+def build_standin(out_dir: str | Path, size: StandinSize | str = TINY, seed: int = 0,
                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int | None = None) -> Path:
     """Write a random-weight MiniCPM-V 2.6 checkpoint folder into `out_dir` (new or empty) and return it.
 
     Same seed -> byte-identical safetensors. `max_shard_bytes` None splits into 4 shards like the real.
     TINY takes ~5 s; REAL took 93 s and 6 GB peak RSS on a 16-core machine (16.2 GB written).
+    `size` may be given by name ("tiny", "real").
     """
+    size = {"tiny": TINY, "real": REAL}[size] if isinstance(size, str) else size
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} is not empty; build_standin writes a fresh checkpoint folder. "
@@ -416,17 +418,30 @@ def build_standin(out_dir: str | Path, size: StandinSize = TINY, seed: int = 0,
     return out
 
 
-STANDIN_BUILDERS: dict[str, Callable[[Path], Path]] = {MINICPMV26.name: build_standin}
-"""Arch spec name -> the builder of its tiny stand-in (verify's per-step speed floor builds one)."""
+def build_qwen2_5_vl_standin(out_dir: str | Path, size: str = "tiny", seed: int = 0, **options) -> Path:
+    """The Qwen2.5-VL-7B-Instruct stand-in (quantkit.testing.qwen2_5_vl, which builds on this module)."""
+    from quantkit.testing.qwen2_5_vl import build_standin as build
+
+    return build(out_dir, size, seed=seed, **options)
+
+
+STANDIN_BUILDERS: dict[str, Callable[..., Path]] = {
+    MINICPMV26.name: build_standin,
+    QWEN2_5_VL.name: build_qwen2_5_vl_standin,
+}
+"""Arch spec name -> the builder of its stand-in: `builder(out_dir)` is the tiny one (verify's per-step speed
+floor builds one), `builder(out_dir, "real", seed=0)` the real-shape one, written shard by shard."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a random-weight MiniCPM-V 2.6 stand-in folder.")
+    parser = argparse.ArgumentParser(description="Build a random-weight stand-in checkpoint folder.")
     parser.add_argument("out_dir")
+    parser.add_argument("--arch", choices=sorted(STANDIN_BUILDERS), default=MINICPMV26.name,
+                        help="the arch spec whose checkpoint to stand in for (default: MiniCPM-V 2.6)")
     parser.add_argument("--size", choices=("tiny", "real"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(build_standin(args.out_dir, TINY if args.size == "tiny" else REAL, seed=args.seed))
+    print(STANDIN_BUILDERS[args.arch](args.out_dir, args.size, seed=args.seed))
 
 
 if __name__ == "__main__":
