@@ -132,6 +132,10 @@ QWEN2_5_VL = ArchSpec(
     ),
     auto_class="AutoModelForImageTextToText",
     load_processor=_processor,
+    autoawq_unsupported=(
+        "AutoAWQ runs every calibration window with one set of layer kwargs (the rotary tables of a text "
+        "block), but Qwen2.5-VL's M-RoPE gives image tokens positions from each image's grid, so image samples "
+        "would be calibrated at the wrong positions"),
 )
 
 # The LLM of Qwen/Qwen2.5-VL-7B-Instruct: for real-shape stand-ins and benchmarks.

@@ -121,6 +121,8 @@ class ArchSpec:
     (transformers' class renames the Hub keys on load); None: the same."""
     remote_code: bool = False
     """Whether vLLM must run the checkpoint's own Python files (trust_remote_code) to load it."""
+    autoawq_unsupported: str | None = None
+    """Why the AutoAWQ backend cannot quantize this architecture faithfully (None: it can)."""
 
     @property
     def checkpoint_prefix(self) -> str:
