@@ -45,9 +45,10 @@ def _vit_params(config: dict[str, Any]) -> int:
 class Qwen25VLProcessor:
     """(text, images) -> keyword arguments of one forward of the native model: the checkpoint's chat template
     with one image placeholder per image, each <|image_pad|> repeated once per merged patch as transformers'
-    Qwen2_5_VLProcessor does, and the image processor's pixel_values + image_grid_thw. Built from the tokenizer
-    and the image processor alone: transformers' processor also loads the video processor, which needs
-    torchvision, and calibration takes no video."""
+    Qwen2_5_VLProcessor does, the image processor's pixel_values + image_grid_thw, and mm_token_type_ids (1 at
+    image tokens): without it transformers 5's model cannot build the M-RoPE positions and silently falls back
+    to text positions. Built from the tokenizer and the image processor alone: transformers' processor also
+    loads the video processor, which needs torchvision, and calibration takes no video."""
 
     IMAGE_PAD = "<|image_pad|>"
 
@@ -81,8 +82,10 @@ class Qwen25VLProcessor:
             prompt = pieces[0] + "".join(self.IMAGE_PAD * n + piece for n, piece in zip(counts, pieces[1:]))
             kwargs = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
         encoded = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **kwargs,
-                "use_cache": False}
+        ids = encoded["input_ids"]
+        image_token = self.tokenizer.convert_tokens_to_ids(self.IMAGE_PAD)
+        return {"input_ids": ids, "attention_mask": encoded["attention_mask"],
+                "mm_token_type_ids": (ids == image_token).int(), **kwargs, "use_cache": False}
 
 
 def _processor(folder: Path) -> Any:
