@@ -164,7 +164,7 @@ class QuantizedLayers:
     """What a backend hands the release writer: every decoder layer's new state and what was chosen for it."""
 
     tensors: Mapping[str, torch.Tensor]
-    """`write_release`'s `layer_tensors`: full names under `{spec.decoder_layers}.{i}.`, on the CPU (or read
+    """`write_release`'s `layer_tensors`: full names under `{spec.checkpoint_prefix}.{i}.`, on the CPU (or read
     from the work folder's layer files when looked up)."""
     reports: list[dict[str, Any]]
     """One `LayerReport` (as a dict) per layer, in layer order."""
@@ -191,10 +191,10 @@ class _Job:
 
 @dataclass(frozen=True)
 class Backend:
-    """A way to quantize the decoder layers: `check` fails before any work when it cannot run with a device
-    and settings; `layers` yields the quantized layers while the release is written from them."""
+    """A way to quantize the decoder layers: `check` fails before any work when it cannot run with a device,
+    settings and architecture; `layers` yields the quantized layers while the release is written from them."""
 
-    check: Callable[[torch.device, QuantSettings], None]
+    check: Callable[[torch.device, QuantSettings, ArchSpec | None], None]
     layers: Callable[[_Job], AbstractContextManager[QuantizedLayers]]
 
 
@@ -227,7 +227,7 @@ def quantize(
     dev = resolve_device(config.device)
     dtype = compute_dtype(source_config, dev)
     backend = BACKENDS[config.backend]
-    backend.check(dev, config.settings)
+    backend.check(dev, config.settings, spec)
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -354,13 +354,18 @@ def _autoawq_layers(job: _Job) -> Iterator[QuantizedLayers]:
                           peak_gpu_gib=max(peaks) / 2**30 if peaks else None)
 
 
-def _no_check(device: torch.device, settings: QuantSettings) -> None:
-    """The native engine runs on any torch device with any valid settings."""
+def _no_check(device: torch.device, settings: QuantSettings, spec: ArchSpec | None = None) -> None:
+    """The native engine runs on any torch device with any valid settings, for every arch spec."""
 
 
-def _autoawq_check(device: torch.device, settings: QuantSettings) -> None:
+def _autoawq_check(device: torch.device, settings: QuantSettings, spec: ArchSpec | None = None) -> None:
+    """AutoAWQ installed, a device and settings it can run, and an arch it quantizes faithfully (`spec`, where
+    known: a recipe is checked before its source is downloaded)."""
     from quantkit.awq.autoawq_backend import check_available
 
+    if spec is not None and spec.autoawq_unsupported:
+        raise InputError(f"--backend autoawq does not support {spec.card.display_name}: "
+                         f"{spec.autoawq_unsupported}. Use --backend native (the default).")
     check_available(device, settings)
 
 

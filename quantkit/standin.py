@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantkit.archs import MINICPMV26
+from quantkit.archs import MINICPMV26, QWEN2_5_VL
 from quantkit.errors import InputError
 
 REMOTE_CODE_DIR = Path(__file__).parent / "standin_code"
@@ -231,7 +231,7 @@ def weight_specs(size: StandinSize) -> list[WeightSpec]:
     return specs
 
 
-def _tensor(spec: WeightSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
+def seeded_tensor(spec: WeightSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Seeded by (seed, name) alone, so a tensor's values do not depend on shard layout or order."""
     digest = hashlib.sha256(f"{seed}:{spec.name}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
@@ -240,7 +240,7 @@ def _tensor(spec: WeightSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
-def _plan_shards(specs: list[WeightSpec], bytes_per_value: int, max_shard_bytes: int) -> list[list[WeightSpec]]:
+def plan_shards(specs: list[WeightSpec], bytes_per_value: int, max_shard_bytes: int) -> list[list[WeightSpec]]:
     shards: list[list[WeightSpec]] = [[]]
     used = 0
     for spec in specs:
@@ -253,12 +253,12 @@ def _plan_shards(specs: list[WeightSpec], bytes_per_value: int, max_shard_bytes:
     return shards
 
 
-def _limit_for_shard_count(specs: list[WeightSpec], bytes_per_value: int, count: int) -> int:
+def limit_for_shard_count(specs: list[WeightSpec], bytes_per_value: int, count: int) -> int:
     """The smallest shard size limit at which the in-order packing needs at most `count` shards."""
     low, high = 1, sum(s.numel for s in specs) * bytes_per_value
     while low < high:
         mid = (low + high) // 2
-        if len(_plan_shards(specs, bytes_per_value, mid)) <= count:
+        if len(plan_shards(specs, bytes_per_value, mid)) <= count:
             high = mid
         else:
             low = mid + 1
@@ -274,19 +274,19 @@ def write_weights(out_dir: Path, size: StandinSize, seed: int, dtype: torch.dtyp
     specs = weight_specs(size)
     bytes_per_value = torch.empty((), dtype=dtype).element_size()
     total = sum(s.numel for s in specs) * bytes_per_value
-    limit = max_shard_bytes if max_shard_bytes is not None else _limit_for_shard_count(specs, bytes_per_value, 4)
-    shards = _plan_shards(specs, bytes_per_value, limit)
+    limit = max_shard_bytes if max_shard_bytes is not None else limit_for_shard_count(specs, bytes_per_value, 4)
+    shards = plan_shards(specs, bytes_per_value, limit)
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file({s.name: _tensor(s, seed, dtype) for s in shard}, str(out_dir / filename),
+        save_file({s.name: seeded_tensor(s, seed, dtype) for s in shard}, str(out_dir / filename),
                   metadata={"format": "pt"})
         weight_map.update({s.name: filename for s in shard})
     index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
 
 
-def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE trained on CPython's pydoc topics, padded with unreachable fillers to id 151642."""
     from pydoc_data.topics import topics
 
@@ -313,7 +313,7 @@ def write_tokenizer(out_dir: Path) -> None:
     """tokenizer.json, vocab.json, merges.txt and the three JSON side files, with the real special-token ids."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    vocab, merges = _bpe_vocab_and_merges()
+    vocab, merges = bpe_vocab_and_merges()
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -395,13 +395,15 @@ def write_processor_configs(out_dir: Path, size: StandinSize) -> None:
     }, indent=2) + "\n")
 
 
-def build_standin(out_dir: str | Path, size: StandinSize = TINY, seed: int = 0,
+def build_standin(out_dir: str | Path, size: StandinSize | str = TINY, seed: int = 0,
                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int | None = None) -> Path:
     """Write a random-weight MiniCPM-V 2.6 checkpoint folder into `out_dir` (new or empty) and return it.
 
     Same seed -> byte-identical safetensors. `max_shard_bytes` None splits into 4 shards like the real.
     TINY takes ~5 s; REAL took 93 s and 6 GB peak RSS on a 16-core machine (16.2 GB written).
+    `size` may be given by name ("tiny", "real").
     """
+    size = {"tiny": TINY, "real": REAL}[size] if isinstance(size, str) else size
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} is not empty; build_standin writes a fresh checkpoint folder. "
@@ -416,17 +418,30 @@ def build_standin(out_dir: str | Path, size: StandinSize = TINY, seed: int = 0,
     return out
 
 
-STANDIN_BUILDERS: dict[str, Callable[[Path], Path]] = {MINICPMV26.name: build_standin}
-"""Arch spec name -> the builder of its tiny stand-in (verify's per-step speed floor builds one)."""
+def build_qwen2_5_vl_standin(out_dir: str | Path, size: str = "tiny", seed: int = 0, **options) -> Path:
+    """The Qwen2.5-VL-7B-Instruct stand-in (quantkit.standin_qwen2_5_vl, which builds on this module)."""
+    from quantkit.standin_qwen2_5_vl import build_standin as build
+
+    return build(out_dir, size, seed=seed, **options)
+
+
+STANDIN_BUILDERS: dict[str, Callable[..., Path]] = {
+    MINICPMV26.name: build_standin,
+    QWEN2_5_VL.name: build_qwen2_5_vl_standin,
+}
+"""Arch spec name -> the builder of its stand-in: `builder(out_dir)` is the tiny one (verify's per-step speed
+floor builds one), `builder(out_dir, "real", seed=0)` the real-shape one, written shard by shard."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a random-weight MiniCPM-V 2.6 stand-in folder.")
+    parser = argparse.ArgumentParser(description="Build a random-weight stand-in checkpoint folder.")
     parser.add_argument("out_dir")
+    parser.add_argument("--arch", choices=sorted(STANDIN_BUILDERS), default=MINICPMV26.name,
+                        help="the arch spec whose checkpoint to stand in for (default: MiniCPM-V 2.6)")
     parser.add_argument("--size", choices=("tiny", "real"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(build_standin(args.out_dir, TINY if args.size == "tiny" else REAL, seed=args.seed))
+    print(STANDIN_BUILDERS[args.arch](args.out_dir, args.size, seed=args.seed))
 
 
 if __name__ == "__main__":

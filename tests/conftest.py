@@ -91,6 +91,14 @@ def standin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen25vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TINY Qwen2.5-VL-7B-Instruct stand-in (seed 0), built once per session (~6 s). Treat as read-only."""
+    from quantkit.standin import STANDIN_BUILDERS
+
+    return STANDIN_BUILDERS["qwen2_5_vl"](tmp_path_factory.mktemp("standin") / "qwen2.5-vl-tiny")
+
+
+@pytest.fixture(scope="session")
 def qwen2_dir(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small plain Qwen2 (hidden 256, 4 heads / 2 KV heads, 2 layers) saved with the stand-in's tokenizer
     (same ids; the Qwen2 tokenizer class instead of the remote one). Like a trained LLM (unlike a fresh random

@@ -5,10 +5,11 @@ from __future__ import annotations
 from quantkit.archs.minicpmv26 import LLM_SHAPES as MINICPMV26_LLM_SHAPES
 from quantkit.archs.minicpmv26 import MINICPMV26
 from quantkit.archs.qwen2 import LLAMA, QWEN2
+from quantkit.archs.qwen2_5_vl import QWEN2_5_VL
 from quantkit.archs.spec import PROMPT_KINDS, ArchSpec, CardText, ChatFormat, ScalingGroup
 from quantkit.errors import InputError
 
-ARCHS: tuple[ArchSpec, ...] = (MINICPMV26, QWEN2, LLAMA)
+ARCHS: tuple[ArchSpec, ...] = (MINICPMV26, QWEN2_5_VL, QWEN2, LLAMA)
 
 
 def spec_for_config(config: dict, source: str = "config.json") -> ArchSpec:
@@ -35,5 +36,5 @@ def spec_for_config(config: dict, source: str = "config.json") -> ArchSpec:
                      f"quantkit quantizes {supported} models.")
 
 
-__all__ = ["ARCHS", "LLAMA", "MINICPMV26", "MINICPMV26_LLM_SHAPES", "PROMPT_KINDS", "QWEN2", "ArchSpec", "CardText",
+__all__ = ["ARCHS", "LLAMA", "MINICPMV26", "MINICPMV26_LLM_SHAPES", "PROMPT_KINDS", "QWEN2", "QWEN2_5_VL", "ArchSpec", "CardText",
            "ChatFormat", "ScalingGroup", "spec_for_config"]

@@ -76,7 +76,7 @@ class ArchSpec:
     model_types: tuple[str, ...]
     """config.json `model_type` values this spec reads."""
     decoder_layers: str
-    """Dotted path of the ModuleList of decoder layers; also the checkpoint key prefix."""
+    """Dotted path of the ModuleList of decoder layers in the loaded model."""
     language_model: str
     """Dotted path of the causal LM that takes `input_ids` ("" for the model itself)."""
     output_head: str
@@ -116,9 +116,22 @@ class ArchSpec:
     """folder -> callable (text, images) -> kwargs for one forward pass through the real vision path."""
     load_tokenizer: Callable[[Path], Any] | None = None
     """folder -> tokenizer, where AutoTokenizer would need the checkpoint's code."""
+    checkpoint_layers: str | None = None
+    """Key prefix of the decoder layers in the checkpoint's safetensors, where it differs from `decoder_layers`
+    (transformers' class renames the Hub keys on load); None: the same."""
+    remote_code: bool = False
+    """Whether vLLM must run the checkpoint's own Python files (trust_remote_code) to load it."""
+    autoawq_unsupported: str | None = None
+    """Why the AutoAWQ backend cannot quantize this architecture faithfully (None: it can)."""
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        """Key prefix of the decoder layers in the checkpoint (and in a release)."""
+        return self.checkpoint_layers or self.decoder_layers
 
     def layer_prefix(self, index: int) -> str:
-        return f"{self.decoder_layers}.{index}"
+        """Checkpoint key prefix of decoder layer `index`."""
+        return f"{self.checkpoint_prefix}.{index}"
 
     def matches(self, config: dict[str, Any]) -> bool:
         """Whether this spec reads the checkpoint with config.json contents `config` (type and version)."""

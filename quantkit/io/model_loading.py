@@ -133,7 +133,7 @@ def load_model_streaming(folder: Path, spec: Any, dtype: torch.dtype) -> tuple[n
     if spec.build_model is None:
         raise ValueError(f"{spec.name}: streaming needs the arch's own module tree (spec.build_model)")
     mapping = weight_map(folder)
-    prefix = spec.decoder_layers + "."
+    prefix = spec.checkpoint_prefix + "."
     names: dict[int, list[str]] = {}
     shapes: dict[str, list[int]] = {}
     with ShardReader(folder, mapping) as reader:

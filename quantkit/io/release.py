@@ -43,8 +43,8 @@ TOOLS = ("quantkit", "torch", "transformers", "safetensors")
 
 
 def layer_index(name: str, spec: ArchSpec) -> int | None:
-    """The decoder layer a tensor name belongs to (`{decoder_layers}.{i}.…`), or None outside the layers."""
-    prefix = spec.decoder_layers + "."
+    """The decoder layer a tensor name belongs to (`{checkpoint_prefix}.{i}.…`), or None outside the layers."""
+    prefix = spec.checkpoint_prefix + "."
     if not name.startswith(prefix):
         return None
     head = name[len(prefix):].split(".", 1)[0]
@@ -115,7 +115,7 @@ def _check_layer_tensors(layer_tensors: Mapping[str, torch.Tensor], source_names
     for name in layer_tensors:
         index = layer_index(name, spec)
         if index is None:
-            raise InputError(f"layer_tensors holds {name!r}, which is not under {spec.decoder_layers}.N.")
+            raise InputError(f"layer_tensors holds {name!r}, which is not under {spec.checkpoint_prefix}.N.")
         by_layer.setdefault(index, []).append(name)
     source_by_layer: dict[int, list[str]] = {}
     for name in source_names:
@@ -254,7 +254,7 @@ def write_release(
     """Write the release folder `out_dir` from the 16-bit `source_dir` and the quantized decoder layers.
 
     `layer_tensors` (a dict, or `TensorsOnDisk` to read each tensor only when its output shard is written)
-    holds, for every quantized layer i, its complete new state under `{spec.decoder_layers}.{i}.`
+    holds, for every quantized layer i, its complete new state under `{spec.checkpoint_prefix}.{i}.`
     (qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales fp16 [in/g, out] and any bias per quantized
     linear, plus the layer's other parameters, e.g. AWQ-scaled norms). Everything else is streamed from the
     source and cast to `dtype`. Returns `out_dir`; an existing one is replaced only with `force`, and only once

@@ -106,6 +106,7 @@ def run_trials(
     max_runs: int = DEFAULT_SPEED_TRIALS,
     floor_model: Callable[[], Path | None] = lambda: None,
     progress: Callable[[str], None] | None = None,
+    remote_code: bool = True,
 ) -> list[SpeedTrial]:
     """The parity runs as the default-setup trials, then the numbered trials of the module docstring, each a
     speed-only engine start while `max_runs` allows. `floor_model` builds the tiny model (None: none for this
@@ -131,7 +132,7 @@ def run_trials(
         budget[0] -= 1
         say(f"vLLM: speed of {VARIANT_NAMES[variant]} with {setup.name}")
         run = run_variant(f"{variant}-trial", model_dir, [], settings, dtype=dtype, extra_env=setup.env or None,
-                          compilation_config=setup.compilation_config)
+                          compilation_config=setup.compilation_config, remote_code=remote_code)
         trials.append(SpeedTrial.from_run(variant, setup, run))
         last = trials[-1]
         say(f"vLLM: {last.kernel} decode {last.speed[0]['decode_tok_s']:.1f} tok/s at batch {last.speed[0]['batch']}"
@@ -152,11 +153,12 @@ def run_trials(
 
 
 def recommend(trials: list[SpeedTrial], device_name: str | None, dtype: str | None = None,
-              max_model_len: int | None = None) -> dict[str, Any] | None:
+              max_model_len: int | None = None, remote_code: bool = True) -> dict[str, Any] | None:
     """Per batch size, the fastest measured setup of each variant (ties: the earlier trial, vLLM's defaults
     first), the int4 / 16-bit decode ratio of those, and beside it the floors: the tiny stand-in's step time
     (per-step floor) and each variant's weights read once at the device's bandwidth (bandwidth floor).
-    `dtype` and `max_model_len` are the engine arguments the trials ran with, kept for the serve command."""
+    `dtype` and `max_model_len` are the engine arguments the trials ran with, kept for the serve command, as is
+    `remote_code` (the arch spec's: whether it needs --trust-remote-code)."""
     measured = {variant: [t for t in trials if t.variant == variant and t.ok] for variant in VARIANT_NAMES}
     if not measured["int4"]:
         return None
@@ -181,7 +183,7 @@ def recommend(trials: list[SpeedTrial], device_name: str | None, dtype: str | No
         row["floor_ms_per_step"] = floor_row["ms_per_step"] if floor_row else None
         rows.append(row)
     return {"rows": rows, "device": device_name, "hbm_bytes_per_s": hbm_bytes_per_s(device_name),
-            "dtype": dtype, "max_model_len": max_model_len}
+            "dtype": dtype, "max_model_len": max_model_len, "trust_remote_code": remote_code}
 
 
 def serve_command(model: str, recommendation: dict[str, Any], variant: str = "int4", batch_index: int = 0) -> str:
@@ -190,7 +192,8 @@ def serve_command(model: str, recommendation: dict[str, Any], variant: str = "in
     setup = recommendation["rows"][batch_index][variant]["setup"]
     dtype, max_model_len = recommendation.get("dtype"), recommendation.get("max_model_len")
     words = [f"{key}={shlex.quote(value)}" for key, value in setup["env"].items()]
-    words += ["vllm", "serve", shlex.quote(model), "--trust-remote-code"]
+    words += ["vllm", "serve", shlex.quote(model)]
+    words += ["--trust-remote-code"] if recommendation.get("trust_remote_code", True) else []
     words += ["--dtype", dtype] if dtype and dtype != "auto" else []
     words += ["--max-model-len", str(max_model_len)] if max_model_len else []
     if setup["compilation_config"]:

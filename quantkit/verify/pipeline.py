@@ -189,22 +189,24 @@ def verify(
     report.prompts = [_prompt_record(p) for p in suite]
     dtype = _release_dtype(folder)
     say(f"vLLM: 16-bit reference {reference_dir} ({len(suite)} prompts, then speed)")
-    runs = {"reference": run_variant("reference", reference_dir, suite, engine, dtype=dtype, chat=spec.chat)}
+    runs = {"reference": run_variant("reference", reference_dir, suite, engine, dtype=dtype, chat=spec.chat,
+                                         remote_code=spec.remote_code)}
     say(_run_line(runs["reference"]))
     if runs["reference"].ok:
         teacher = {p.id: p.token_ids for p in runs["reference"].prompts}
         say(f"vLLM: int4 release {folder} (teacher-forced on the reference's outputs, then speed)")
         runs["int4"] = run_variant("int4", folder, suite, engine, teacher=teacher, dtype=dtype,
-                                     chat=spec.chat)
+                                     chat=spec.chat, remote_code=spec.remote_code)
         say(_run_line(runs["int4"]))
     if engine.measure_speed and runs.get("int4") and runs["int4"].ok:
         with tempfile.TemporaryDirectory(prefix="quantkit-floor-") as scratch:
             trials = run_trials(folder, reference_dir, runs, engine, gpu=has_gpu(), dtype=dtype,
                                 max_runs=speed_trials, floor_model=lambda: _floor_model(spec, Path(scratch)),
-                                progress=say)
+                                progress=say, remote_code=spec.remote_code)
         report.speed_trials = [trial.as_dict() for trial in trials]
         int4 = runs["int4"]
-        report.speed_recommendation = recommend(trials, int4.gpu_name or int4.device, int4.dtype, int4.max_model_len)
+        report.speed_recommendation = recommend(trials, int4.gpu_name or int4.device, int4.dtype, int4.max_model_len,
+                                                remote_code=spec.remote_code)
     report.variants = {label: run.summary() for label, run in runs.items()}
     report.environment = _environment(list(runs.values()), folder)
     failed = [(label, run) for label, run in runs.items() if not run.ok]

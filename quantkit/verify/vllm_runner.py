@@ -233,6 +233,7 @@ def run_variant(
     extra_env: dict[str, str] | None = None,
     compilation_config: dict[str, Any] | None = None,
     chat: ChatFormat | None = None,
+    remote_code: bool = True,
 ) -> VariantRun:
     """Load `model_dir` in vLLM, greedy-decode every prompt, score the teacher's continuations (or its own),
     time synthetic prefill/decode; returns what happened, including failure.
@@ -240,12 +241,14 @@ def run_variant(
     `teacher` maps prompt id -> token ids to teacher-force (the reference's greedy outputs); `dtype` overrides
     settings.dtype so both variants compute in the same precision; `extra_env` is set in the worker and
     `compilation_config` passed to vLLM (no prompts and either of them = a speed-only run of another setup).
-    `chat` is the architecture's image placeholder and stop tokens (needed when there are prompts).
+    `chat` is the architecture's image placeholder and stop tokens (needed when there are prompts);
+    `remote_code` whether vLLM runs the checkpoint's Python files (the spec's `remote_code`).
     """
     gpu = has_gpu()
     speed = settings.speed or (GPU_SPEED if gpu else CPU_SPEED)
     request = {
         "model": str(Path(model_dir).resolve()),
+        "trust_remote_code": remote_code,
         "max_model_len": settings.max_model_len,
         "max_tokens": settings.max_tokens,
         "top_k": settings.top_k,

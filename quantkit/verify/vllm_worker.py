@@ -77,7 +77,7 @@ def _engine(request: dict[str, Any]) -> Any:
     options = {"compilation_config": request["compilation_config"]} if request.get("compilation_config") else {}
     return LLM(
         model=request["model"],
-        trust_remote_code=True,
+        trust_remote_code=request.get("trust_remote_code", True),
         max_model_len=request["max_model_len"],
         limit_mm_per_prompt={"image": max(1, request["max_images"])},
         dtype=request["dtype"],

@@ -20,7 +20,7 @@ from quantkit.verify.prompts import KINDS
 
 PACKAGE = Path(__file__).resolve().parents[2] / "quantkit"
 
-MODEL_KNOWLEDGE_HOMES = ("archs/", "standin.py", "standin_code/", "testing/")
+MODEL_KNOWLEDGE_HOMES = ("archs/", "standin.py", "standin_qwen2_5_vl.py", "standin_code/", "testing/")
 """Where architecture facts belong: the specs and their module trees, and the stand-in checkpoints."""
 
 MODEL_LITERALS: dict[str, str] = {

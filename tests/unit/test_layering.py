@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "quantkit"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("quantkit", "quantkit.errors"),  # the version and the errors users see
     ("quantkit.archs",),  # model knowledge as data
-    ("quantkit.io", "quantkit.standin", "quantkit.standin_code"),  # checkpoint files; the stand-in checkpoint
+    ("quantkit.io", "quantkit.standin", "quantkit.standin_qwen2_5_vl", "quantkit.standin_code"),  # checkpoint files; the stand-in checkpoint
     ("quantkit.awq", "quantkit.calib", "quantkit.hub"),  # the engines (pure torch), calibration sets, downloads
     ("quantkit.quantize", "quantkit.verify"),  # a quantize run around the engines; checking a release
     ("quantkit.evaluate", "quantkit.recipe"),

@@ -68,6 +68,14 @@ def test_real_recipe_loads_pinned_and_a_placeholder_in_it_is_refused_with_the_li
             in refusal(unfilled))
 
 
+def test_qwen2_5_vl_recipe_loads_pinned():
+    loaded = load_recipe(RECIPES / "qwen2.5-vl-7b-awq-int4.yaml")
+    assert loaded.recipe.release and loaded.warnings == []
+    assert loaded.recipe.source.repo == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert loaded.recipe.source.revision == "cc594898137f460bfe9f0759e9844b3ce807cfb5"
+    assert loaded.calibration().kind == "dataset" and loaded.recipe.quantization.backend == "native"
+
+
 def test_typo_key_is_refused_with_its_line_and_a_suggestion(tmp_path: Path):
     path = write(tmp_path, BASE.replace("  n_samples: 8", "  n_sample: 8"))
     message = refusal(path)

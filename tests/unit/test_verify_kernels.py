@@ -40,7 +40,8 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Setup]]:
     """run_variant answering from H200; records each engine start as (model, setup)."""
     starts: list[tuple[str, Setup]] = []
 
-    def run_variant(label, folder, prompts, settings, dtype=None, extra_env=None, compilation_config=None):
+    def run_variant(label, folder, prompts, settings, dtype=None, extra_env=None, compilation_config=None,
+                    remote_code=True):
         assert prompts == [] and dtype == "float16"  # speed-only, in the release's dtype
         disabled = tuple((extra_env or {}).get(DISABLE_ENV, "").split(",")) if extra_env else ()
         setup = Setup(disabled, (compilation_config or {}).get("cudagraph_mode"))
@@ -119,6 +120,8 @@ def test_serve_command_sets_the_environment_and_the_measured_engine_arguments(fa
         "--max-model-len 4096 --compilation-config '{\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}'")
     assert serve_command("m", best, variant="reference") == (
         "vllm serve m --trust-remote-code --dtype float16 --max-model-len 4096")
+    native = recommend(_trials(3), "NVIDIA H200", "float16", 4096, remote_code=False)  # a spec without remote code
+    assert serve_command("m", native, variant="reference") == "vllm serve m --dtype float16 --max-model-len 4096"
 
 
 def test_nothing_is_recommended_without_an_int4_figure() -> None:

@@ -95,6 +95,7 @@ MINICPMV26 = ArchSpec(
     build_model=_build,
     load_processor=_processor,
     load_tokenizer=_tokenizer,
+    remote_code=True,
 )
 
 # The LLM of openbmb/MiniCPM-V-2_6 (Qwen2-7B): for real-shape benchmarks and stand-ins.
