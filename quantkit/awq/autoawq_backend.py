@@ -294,7 +294,8 @@ def check_device(device: torch.device) -> None:
 def check_settings(settings: QuantSettings) -> None:
     """AutoAWQ's search grids are fixed (they equal QuantSettings' defaults) and it rounds to nearest: refuse
     other values. Its clip search always scores 512 strided tokens, whatever `clip_tokens` (None, the native
-    default, or 512) says."""
+    default, or 512) says, and its scale search every grid point on every token, whatever `scale_screen_tokens`
+    and `scale_finalists` say (the native engine's shortcut, not a different search target)."""
     if settings.method != "awq":
         raise InputError(f"--backend autoawq rounds to nearest (method awq); method {settings.method!r} needs the "
                          "native backend.")
