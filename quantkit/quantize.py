@@ -23,7 +23,6 @@ from quantkit.awq.engine import (
     LayerInputs,
     LayerReport,
     LayerResult,
-    LayerWeights,
     capture_layer_inputs,
     move_outside_layers,
     quantize_layers,
@@ -262,18 +261,14 @@ def quantize(
 def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
     """The native engine, each finished layer saved to the work folder (a killed run resumes there) and the
     release written from those files; the folder is removed once the release is written, kept if anything
-    fails. Where the arch builds its own module tree, decoder layers are read from the source shards when their
-    turn comes and dropped after, so host memory holds the non-decoder parts and about one layer."""
+    fails. Decoder layers are read from the source shards when their turn comes and dropped after, so host
+    memory holds the non-decoder parts and about one layer."""
     spec, dev, timings = job.spec, job.device, job.timings
     checkpoints = LayerCheckpoints(work_folder(job.out),
                                    job_fingerprint(job.source, job.config.settings, job.calibration, dev, job.dtype))
     try:
         started = time.perf_counter()
-        layer_weights: LayerWeights | None = None
-        if spec.build_model is not None:
-            model, layer_weights = load_model_streaming(job.source, spec, job.dtype)
-        else:  # transformers' own class: loaded whole
-            model = load_model(job.source, spec, job.dtype)
+        model, layer_weights = load_model_streaming(job.source, spec, job.dtype)
         timings["load_s"] = time.perf_counter() - started
         n_layers = len(model.get_submodule(spec.decoder_layers))
         start = checkpoints.completed_layers

@@ -119,6 +119,9 @@ class ArchSpec:
     checkpoint_layers: str | None = None
     """Key prefix of the decoder layers in the checkpoint's safetensors, where it differs from `decoder_layers`
     (transformers' class renames the Hub keys on load); None: the same."""
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    """(checkpoint key prefix, module name prefix) pairs for every key transformers' class renames on load, the
+    decoder layers' included (quantkit loads the shards itself); empty: the same names."""
     remote_code: bool = False
     """Whether vLLM must run the checkpoint's own Python files (trust_remote_code) to load it."""
     autoawq_unsupported: str | None = None
@@ -128,6 +131,13 @@ class ArchSpec:
     def checkpoint_prefix(self) -> str:
         """Key prefix of the decoder layers in the checkpoint (and in a release)."""
         return self.checkpoint_layers or self.decoder_layers
+
+    def module_name(self, key: str) -> str:
+        """The model's name for checkpoint tensor `key`."""
+        for checkpoint, module in self.checkpoint_renames:
+            if key.startswith(checkpoint):
+                return module + key.removeprefix(checkpoint)
+        return key
 
     def layer_prefix(self, index: int) -> str:
         """Checkpoint key prefix of decoder layer `index`."""

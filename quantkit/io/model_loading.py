@@ -1,9 +1,11 @@
 """Loading a checkpoint into a module tree quantkit builds itself, so no Python file of the checkpoint runs.
 
-The tree comes from the arch spec's `build_model(config)` on the meta device (no memory, no random init);
-every tensor is then assigned by name from the safetensors shards, one shard at a time, cast to the compute
-dtype. A tensor the tree does not have, or a parameter no shard provides, is an error that names it: a
-look-alike tree that silently skipped weights would calibrate a different model.
+The tree comes from the arch spec's `build_model(config)` on the meta device (no memory, no random init), or
+for an architecture transformers ships, from its class with every parameter on the meta device and the
+buffers computed from the config as usual (rotary tables); every tensor is then assigned by name from the
+safetensors shards, one shard at a time, cast to the compute dtype. A tensor the tree does not have, or a
+parameter no shard provides, is an error that names it: a look-alike tree that silently skipped weights would
+calibrate a different model.
 
 For quantizing, the decoder layers can stay on the meta device (`load_model_streaming`): each is read from the
 shards when its turn comes and dropped once done, so host memory holds the non-decoder parts and about one
@@ -12,7 +14,8 @@ layer, whatever the model size.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +48,47 @@ def _compute_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get every parameter on the meta device as it is registered (so its initialisation
+    runs on meta: no memory, no time), while buffers are computed on the CPU as their module defines them."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def native_builder(spec: Any) -> Callable[[dict[str, Any]], nn.Module]:
+    """config.json contents -> transformers' own class for the spec's auto class (its modelling code ships with
+    transformers; nothing of the checkpoint runs)."""
+
+    def build(config: dict[str, Any]) -> nn.Module:
+        from transformers import AutoConfig
+
+        return spec.native_class().from_config(AutoConfig.for_model(**config))
+
+    return build
+
+
 def build_and_load(build: Any, config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]],
-                   dtype: torch.dtype, source: str, *, later: Mapping[str, Sequence[int]] | None = None) -> nn.Module:
+                   dtype: torch.dtype, source: str, *, later: Mapping[str, Sequence[int]] | None = None,
+                   native: bool = False) -> nn.Module:
     """`build(config)` on the meta device, then every tensor assigned by name in `dtype` (floats only).
 
     `later`: name -> shape of checkpoint tensors left on the meta device for now (decoder layers read when their
     turn comes); their names and shapes are checked against the tree here all the same, so a mismatch fails
-    before calibration rather than at layer 20."""
-    with torch.device("meta"):
+    before calibration rather than at layer 20. `native`: a transformers class, built with its parameters on
+    meta and its buffers computed as usual, and its tied weights (a shared embedding and LM head) tied again
+    after loading."""
+    with parameters_on_meta() if native else torch.device("meta"):
         model = build(config)
     expected = model.state_dict()
     unexpected: list[str] = []
@@ -78,6 +114,8 @@ def build_and_load(build: Any, config: dict[str, Any], tensors: Iterable[tuple[s
             model.load_state_dict(pending, strict=False, assign=True)
             pending = {}
     model.load_state_dict(pending, strict=False, assign=True)
+    if native:
+        model.tie_weights()  # assigning the embedding replaced the parameter the LM head shared
     if unexpected:
         raise InputError(f"{source}: {len(unexpected)} tensor(s) that the model has no place for, e.g. "
                          f"{', '.join(sorted(unexpected)[:3])}; is config.json from another model or version?")
@@ -129,9 +167,10 @@ class StreamedLayers:
 
 def load_model_streaming(folder: Path, spec: Any, dtype: torch.dtype) -> tuple[nn.Module, StreamedLayers]:
     """As `load_model`, but the decoder layers stay on the meta device, to be filled one at a time through the
-    returned `StreamedLayers`. Needs the spec's own module tree (`spec.build_model`)."""
-    if spec.build_model is None:
-        raise ValueError(f"{spec.name}: streaming needs the arch's own module tree (spec.build_model)")
+    returned `StreamedLayers`. The spec's own module tree where it has one, else transformers' class (checkpoint
+    keys renamed as `spec.checkpoint_renames` says)."""
+    native = spec.build_model is None
+    build = native_builder(spec) if native else spec.build_model
     mapping = weight_map(folder)
     prefix = spec.checkpoint_prefix + "."
     names: dict[int, list[str]] = {}
@@ -142,8 +181,9 @@ def load_model_streaming(folder: Path, spec: Any, dtype: torch.dtype) -> tuple[n
             if name.startswith(prefix) and head.isdigit():
                 names.setdefault(int(head), []).append(name)
                 shapes[name] = reader.shape_dtype(name)[0]
-        others = ((name, reader.get(name)) for name in _by_shard(mapping) if name not in shapes)
-        model = build_and_load(spec.build_model, read_config(folder), others, dtype, str(folder), later=shapes)
+        others = ((spec.module_name(name), reader.get(name)) for name in _by_shard(mapping) if name not in shapes)
+        model = build_and_load(build, read_config(folder), others, dtype, str(folder),
+                               later={spec.module_name(name): shape for name, shape in shapes.items()}, native=native)
     return model, StreamedLayers(folder, mapping, names, spec, dtype)
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from quantkit.archs import MINICPMV26
 from quantkit.io.shards import ShardReader, weight_map
 from quantkit.standin import TINY, build_standin
@@ -75,3 +77,38 @@ def test_a_model_larger_than_the_memory_limit_is_quantized_layer_by_layer(tmp_pa
     manifest = json.loads((out / "quantkit-manifest.json").read_text())
     assert manifest["quantization"]["quantized_layers"] == list(range(LAYERS_DOMINATE.llm_layers))
 
+
+
+@pytest.mark.parametrize("folder_fixture", ["qwen2_dir", "qwen25vl_dir"])
+def test_transformers_classes_stream_the_same_model_as_from_pretrained(folder_fixture: str, request):
+    """Architectures without their own module tree stream too: transformers' class with every parameter on meta,
+    buffers (rotary tables) computed as usual, checkpoint keys renamed as the spec says (Qwen2.5-VL's Hub names
+    differ from its module names), tied weights tied again. Filled layer by layer, it equals from_pretrained:
+    every tensor, every buffer and the logits."""
+    import torch
+
+    from quantkit.archs import spec_for_config
+    from quantkit.io.model_loading import load_model, load_model_streaming
+    from quantkit.io.shards import read_config
+
+    folder = request.getfixturevalue(folder_fixture)
+    spec = spec_for_config(read_config(folder))
+    assert spec.build_model is None  # transformers' own class
+    streamed, layers = load_model_streaming(folder, spec, torch.float32)
+    decoder = streamed.get_submodule(spec.decoder_layers)
+    assert all(p.is_meta for p in decoder.parameters())
+    for index, layer in enumerate(decoder):
+        layers.load(index, layer)
+    reference = load_model(folder, spec, torch.float32)
+    got, want = streamed.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    assert [name for name in want if not torch.equal(got[name], want[name])] == []
+    got_buffers, want_buffers = dict(streamed.named_buffers()), dict(reference.named_buffers())
+    assert got_buffers.keys() == want_buffers.keys()
+    assert all(torch.equal(got_buffers[name], want_buffers[name]) for name in want_buffers)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed(input_ids=ids).logits, reference(input_ids=ids).logits)
+    tied = read_config(folder).get("tie_word_embeddings", False)
+    shares = streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight
+    assert shares == bool(tied)
