@@ -156,7 +156,9 @@ def _raise_first_cause(processes: list, messages: Any, errors: list[tuple[int, A
     dead = [(r, p.exitcode) for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
     rank, code = dead[0] if dead else (-1, None)
     raise RankFailed(f"rank {rank} of {len(processes)} died (exit code {code}: killed, e.g. out of memory?) "
-                     "without reporting an error; the other ranks were stopped.")
+                     "without reporting an error; the other ranks were stopped. (Ranks are started with "
+                     "multiprocessing's spawn: a script that starts them must do so under "
+                     "`if __name__ == '__main__':`.)")
 
 
 def _raise_rank_error(rank: int, world_size: int, payload: tuple[bytes | None, str, str]) -> None:
