@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from quantkit import api
-from quantkit.errors import QuantkitError
+from quantkit.errors import InputError, QuantkitError
 
 app = typer.Typer(
     name="quantkit",
@@ -126,23 +126,42 @@ def quantize_command(
         "from the same arch spec, the reference; holds the whole 16-bit model in host memory; "
         "needs pip install 'quantkit[autoawq]').")] = "native",
     shard_size_gb: Annotated[float, typer.Option(help="Largest safetensors shard, GiB.")] = 4.0,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", help="Data-parallel calibration on N GPUs (cuda:0 .. cuda:N-1, one process each, NCCL): each "
+        "takes every N-th calibration micro-batch and the searches' sums are added up across them, so the "
+        "release is the one a single process makes (text micro-batches hold at most n-samples/N blocks). "
+        "Native backend; not resumable. Refused before any work with fewer visible GPUs.", min=1)] = 1,
+    cpu_ranks: Annotated[int, typer.Option(
+        "--cpu-ranks", help="The same on the CPU: N processes joined with gloo (for tests and machines "
+        "without a GPU; implies --device cpu).", min=1)] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """AWQ int4 (4 bit, group 128, zero point, GEMM layout) of the LLM's decoder layers, layer by layer on the
     GPU; the vision side, embeddings and output head stay 16-bit. A killed run resumes when re-run.
 
     Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --calib data/calib.jsonl
+
+    Example: quantkit quantize models/minicpmv26 releases/minicpmv26-awq --gpus 4
     """
+    if gpus > 1 and cpu_ranks > 1:
+        raise InputError("--gpus and --cpu-ranks: give one of them (GPU processes or CPU processes).")
+    if gpus > 1 and device == "cpu":
+        raise InputError(f"--gpus {gpus} with --device cpu: use --cpu-ranks {gpus} for CPU processes.")
+    if cpu_ranks > 1:
+        device = "cpu"
+    elif gpus > 1:
+        device = "cuda"
     config = api.QuantizeConfig(
         calib=calib, calib_revision=calib_revision, calib_split=calib_split, text_field=text_field,
         n_samples=n_samples, seq_len=seq_len, seed=seed,
         settings=api.QuantSettings(group_size=group_size, clip=not no_clip, method=method),
-        device=device, backend=backend, max_shard_bytes=int(shard_size_gb * 2**30))
+        device=device, backend=backend, max_shard_bytes=int(shard_size_gb * 2**30), ranks=max(gpus, cpu_ranks))
     with _layer_progress() as layer_done:
         result = api.quantize(source, out, config, force=force, on_layer_done=layer_done)
     seconds = result.seconds
     resumed = f" (resumed at layer {result.resumed_from_layer})" if result.resumed_from_layer else ""
-    typer.echo(f"quantized {len(result.layers)} layers on {result.device} in {seconds.get('layers_s', 0):.1f} s"
+    ranks = f" x {max(gpus, cpu_ranks)} ranks" if max(gpus, cpu_ranks) > 1 else ""
+    typer.echo(f"quantized {len(result.layers)} layers on {result.device}{ranks} in {seconds.get('layers_s', 0):.1f} s"
                f"{resumed}; calibration {result.calibration['text_blocks']} x {result.calibration['seq_len']} "
                f"tokens + {result.calibration['multimodal_samples']} image samples")
     typer.echo(f"release: {result.out_dir}")
@@ -269,6 +288,10 @@ def verify_command(
         "int4 with vLLM's kernel choice disabled (Machete -> Marlin), the tiny stand-in (per-step floor), int4 "
         "with cudagraph_mode FULL_DECODE_ONLY, 16-bit with it. Kernel and CUDA-graph runs happen on a GPU only. "
         "0: none.", min=0)] = api.DEFAULT_SPEED_TRIALS,
+    tensor_parallel_size: Annotated[int, typer.Option(
+        "--tensor-parallel-size", help="GPUs each vLLM engine is split across (vLLM's tensor parallelism), for "
+        "the 16-bit reference, the int4 release and the setup trials alike; recorded in the report. More than 1 "
+        "needs that many visible GPUs (refused before any engine starts).", min=1, metavar="N")] = 1,
 ) -> None:
     """Check a release folder before it is served or uploaded; exit 0 when every check passes, 1 otherwise.
 
@@ -284,7 +307,8 @@ def verify_command(
         report = api.verify(folder, reference=reference or source, prompts=prompts,
                             thresholds=api.ParityThresholds(max_mean_kl=max_kl, min_top1_agreement=min_top1),
                             gpu_memory_gb=gpu_memory_gb, max_tokens=max_tokens, max_rel_error=max_rel_error,
-                            speed_trials=speed_trials, progress=_progress_line, source=source)
+                            speed_trials=speed_trials, progress=_progress_line, source=source,
+                            tensor_parallel_size=tensor_parallel_size)
         if as_json:
             typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
         else:

@@ -3,13 +3,19 @@
 The orchestration around the engines: loading, device placement, the resumable work folder, progress, and
 handing the quantized layers to the save layer. Both backends (the native engine, upstream AutoAWQ) return the
 same `QuantizedLayers`; one tail writes the release from them.
+
+With `ranks` > 1 the native engine runs data parallel (quantkit.ranks): one process per GPU (or per gloo rank on
+the CPU), each calibrating on every ranks-th micro-batch, the sums over tokens added up through
+torch.distributed, so every rank makes the same choices as one process would; rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,12 +34,14 @@ from quantkit.awq.engine import (
     quantize_layers,
     to_device,
 )
+from quantkit.awq.reduce import strided_positions
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import BUILTIN_PYDOC, CalibrationSet, load_calibration, micro_batches
 from quantkit.errors import DependencyError, InputError
 from quantkit.io.checkpoint import LayerCheckpoints
 from quantkit.io.model_loading import load_model, load_model_streaming, load_tokenizer
 from quantkit.io.release import write_release
+from quantkit.ranks import RankContext, check_ranks, run_ranks
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,22 @@ class QuantizeConfig:
     """native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the reference; it
     holds the whole 16-bit model in host memory, by AutoAWQ's design)."""
     max_shard_bytes: int = 4 * 2**30
+    ranks: int = 1
+    """Processes that share the calibration (data parallel, native backend): on a GPU machine one per GPU
+    (cuda:0 .. cuda:ranks-1, NCCL); with device="cpu", gloo processes on the CPU. Each takes every ranks-th
+    micro-batch (text micro-batches hold at most ceil(n_samples / ranks) blocks so that each rank has one); the
+    choices and the packed tensors are those of one process with the same micro-batches. Not resumable."""
+    rank_timeout_s: float = 1800.0
+    """With ranks > 1: the longest a rank waits for the others in one collective before failing."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InputError(f"backend {self.backend!r}: use {' or '.join(map(repr, BACKENDS))}.")
+        if self.ranks < 1:
+            raise InputError(f"ranks={self.ranks}: use 1 (one process) or more.")
+        if self.ranks > 1 and self.backend != "native":
+            raise InputError(f"ranks={self.ranks} with backend {self.backend!r}: only the native engine runs on "
+                             "several processes; use backend native or ranks 1.")
 
 
 @dataclass
@@ -125,14 +145,24 @@ def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.quantkit-work"
 
 
+def rank_batch_tokens(calib: CalibrationSet, settings: QuantSettings, ranks: int) -> int:
+    """Tokens per text micro-batch with `ranks` ranks: settings.max_batch_tokens, lowered so that the text
+    blocks make at least `ranks` micro-batches (ceil(blocks / ranks) blocks each) when there are enough."""
+    blocks, seq_len = calib.blocks.shape[0], max(1, calib.blocks.shape[1])
+    if ranks == 1 or blocks == 0:
+        return settings.max_batch_tokens
+    return min(settings.max_batch_tokens, math.ceil(blocks / ranks) * seq_len)
+
+
 def calibration_forwards(model: torch.nn.Module, spec: ArchSpec, source: Path, calib: CalibrationSet,
-                         settings: QuantSettings, device: torch.device, dtype: torch.dtype) -> list[Callable]:
+                         settings: QuantSettings, device: torch.device, dtype: torch.dtype,
+                         max_batch_tokens: int | None = None) -> list[Callable]:
     """One callable per forward pass: text micro-batches through the LLM, multimodal samples through the model's
-    real vision path (processor -> vision side -> LLM)."""
+    real vision path (processor -> vision side -> LLM). `max_batch_tokens`: instead of the settings' one."""
     lm = model.get_submodule(spec.language_model) if spec.language_model else model
     forwards: list[Callable] = [
         (lambda chunk=chunk: lm(input_ids=chunk.to(device), use_cache=False))
-        for chunk in micro_batches(calib.blocks, settings.max_batch_tokens)
+        for chunk in micro_batches(calib.blocks, max_batch_tokens or settings.max_batch_tokens)
     ]
     if calib.multimodal:
         if spec.load_processor is None:
@@ -186,6 +216,8 @@ class _Job:
     dtype: torch.dtype
     timings: dict[str, float]
     on_layer_done: Callable[[LayerReport, int], None] | None
+    rank: RankContext | None = None
+    """With ranks > 1: this process's rank (only rank 0 writes files)."""
 
 
 @dataclass(frozen=True)
@@ -220,10 +252,29 @@ def quantize(
         raise TypeError(f"quantize() takes a config or its fields as keywords, not both ({', '.join(options)})")
     config = config or QuantizeConfig(**options)
     source, out = Path(source), Path(out)
-    source_config, spec = read_source_config(source)
+    read_source_config(source)
     if out.exists() and not force:
         raise InputError(f"output folder {out} already exists; pass --force to replace it.")
-    dev = resolve_device(config.device)
+    if config.ranks == 1:
+        return _quantize(source, out, config, force, on_layer_done, manifest_extra)
+    device_type = resolve_device(config.device).type
+    check_ranks(config.ranks, device_type)
+    relay = None if on_layer_done is None else (lambda message: on_layer_done(*message))
+    return run_ranks(_rank_quantize, (source, out, config, force, manifest_extra), config.ranks, device_type,
+                     timeout_s=config.rank_timeout_s, on_message=relay)
+
+
+def _rank_quantize(rank: RankContext, source: Path, out: Path, config: QuantizeConfig, force: bool,
+                   manifest_extra: dict[str, Any] | None) -> QuantizeResult | None:
+    """One rank of a data-parallel quantize (started by run_ranks); rank 0 sends progress and returns the result."""
+    return _quantize(source, out, config, force, lambda report, n: rank.send((report, n)), manifest_extra, rank)
+
+
+def _quantize(source: Path, out: Path, config: QuantizeConfig, force: bool,
+              on_layer_done: Callable[[LayerReport, int], None] | None, manifest_extra: dict[str, Any] | None,
+              rank: RankContext | None = None) -> QuantizeResult | None:
+    source_config, spec = read_source_config(source)
+    dev = torch.device(rank.device) if rank is not None else resolve_device(config.device)
     dtype = compute_dtype(source_config, dev)
     backend = BACKENDS[config.backend]
     backend.check(dev, config.settings, spec)
@@ -236,8 +287,10 @@ def quantize(
                                    text_field=config.text_field)
     timings["calibration_s"] = time.perf_counter() - started
 
-    job = _Job(source, out, spec, config, calibration, dev, dtype, timings, on_layer_done)
+    job = _Job(source, out, spec, config, calibration, dev, dtype, timings, on_layer_done, rank)
     with backend.layers(job) as layers:
+        if rank is not None and rank.rank != 0:
+            return None
         started = time.perf_counter()
         result = QuantizeResult(out_dir=out, layers=layers.reports, calibration=calibration.describe(),
                                 seconds=timings, resumed_from_layer=layers.resumed_from_layer, device=str(dev),
@@ -247,6 +300,7 @@ def quantize(
             manifest_extra={
                 "quantization": {"backend": config.backend, **layers.record, "settings": config.settings.as_dict(),
                                  "seed": config.seed, "device": str(dev),
+                                 **({"ranks": config.ranks} if config.ranks > 1 else {}),
                                  "compute_dtype": str(dtype).removeprefix("torch."), "seconds": timings,
                                  "layers": layers.reports},
                 "calibration": calibration.describe(),
@@ -263,9 +317,14 @@ def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
     release written from those files; the folder is removed once the release is written, kept if anything
     fails. Decoder layers are read from the source shards when their turn comes and dropped after, so host
     memory holds the non-decoder parts and about one layer."""
-    spec, dev, timings = job.spec, job.device, job.timings
-    checkpoints = LayerCheckpoints(work_folder(job.out),
-                                   job_fingerprint(job.source, job.config.settings, job.calibration, dev, job.dtype))
+    spec, dev, timings, rank = job.spec, job.device, job.timings, job.rank
+    if rank is not None and rank.rank != 0:
+        yield from _native_rank_layers(job)
+        return
+    fingerprint = job_fingerprint(job.source, job.config.settings, job.calibration, dev, job.dtype)
+    if rank is not None:  # a data-parallel run does not resume: every rank would need its own layer inputs
+        fingerprint += f":ranks={rank.world_size}:{uuid.uuid4()}"
+    checkpoints = LayerCheckpoints(work_folder(job.out), fingerprint)
     try:
         started = time.perf_counter()
         model, layer_weights = load_model_streaming(job.source, spec, job.dtype)
@@ -275,12 +334,7 @@ def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
 
         started = time.perf_counter()
         if start == 0:
-            move_outside_layers(model, spec, dev)
-            forwards = calibration_forwards(model, spec, job.source, job.calibration, job.config.settings, dev,
-                                            job.dtype)
-            inputs = capture_layer_inputs(model, spec, forwards, dev)
-            del forwards  # they hold the model, which is dropped before the release is written
-            move_outside_layers(model, spec, "cpu")
+            inputs = _capture_share(model, job)
             checkpoints.save_kwargs(inputs.kwargs)
         elif start < n_layers:
             inputs = LayerInputs(hidden=[h.to(dev) for h in checkpoints.load_inputs(start)],
@@ -299,7 +353,7 @@ def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             quantize_layers(model, spec, job.config.settings, inputs, dev, start=start, on_layer_done=layer_done,
-                            layer_weights=layer_weights)
+                            layer_weights=layer_weights, reducer=rank.reducer if rank is not None else None)
             del inputs
         checkpoints.flush()
         timings["layers_s"] = time.perf_counter() - started
@@ -313,6 +367,38 @@ def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
         checkpoints.close(remove=False)
         raise
     checkpoints.close(remove=True)
+
+
+def _capture_share(model: torch.nn.Module, job: _Job) -> LayerInputs:
+    """Decoder layer 0's inputs for this process's calibration forwards: all of them, or with several ranks every
+    ranks-th (text micro-batches sized by rank_batch_tokens), with their global positions."""
+    spec, dev, rank = job.spec, job.device, job.rank
+    world = rank.world_size if rank is not None else 1
+    move_outside_layers(model, spec, dev)
+    forwards = calibration_forwards(model, spec, job.source, job.calibration, job.config.settings, dev, job.dtype,
+                                    max_batch_tokens=rank_batch_tokens(job.calibration, job.config.settings, world))
+    positions = None
+    if rank is not None:
+        if len(forwards) < world:
+            raise InputError(f"{world} ranks but only {len(forwards)} calibration forwards "
+                             f"({job.calibration.blocks.shape[0]} text blocks, {len(job.calibration.multimodal)} "
+                             "image samples): every rank needs at least one; use more --n-samples or fewer ranks.")
+        positions = strided_positions(len(forwards), rank.rank, world)
+        forwards = [forwards[i] for i in positions]
+    inputs = capture_layer_inputs(model, spec, forwards, dev)
+    inputs.positions = positions
+    del forwards  # they hold the model, which is dropped before the release is written
+    move_outside_layers(model, spec, "cpu")
+    return inputs
+
+
+def _native_rank_layers(job: _Job) -> Iterator[QuantizedLayers]:
+    """A rank other than 0: the same capture and layers on its own share, writing nothing."""
+    model, layer_weights = load_model_streaming(job.source, job.spec, job.dtype)
+    inputs = _capture_share(model, job)
+    quantize_layers(model, job.spec, job.config.settings, inputs, job.device, layer_weights=layer_weights,
+                    reducer=job.rank.reducer)
+    yield QuantizedLayers(tensors={}, reports=[])
 
 
 @contextmanager

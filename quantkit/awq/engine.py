@@ -4,6 +4,10 @@ Per layer: run it on the calibration activations while capturing every linear's 
 vector per scaling group (all groups against the unmodified layer, as AutoAWQ); apply them; search a clip
 bound per linear (except q/k); quantize; run the quantized layer to produce the next layer's inputs.
 Only the current layer and the activations live on the compute device.
+
+Several processes may share the calibration micro-batches (data parallel): each runs this same code on its own
+share, with a `Reducer` (quantkit.awq.reduce) that adds up every sum over tokens; the weights and every choice
+are then the same on every rank. The default reducer is one process.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from quantkit.archs.spec import ArchSpec, ScalingGroup
 from quantkit.awq.gptq import gptq_round_shared
 from quantkit.awq.quant import GroupQuant, pack_gemm, quantize
+from quantkit.awq.reduce import SINGLE, Reducer, batch_layout, summed
 from quantkit.awq.search import (
     apply_clip,
     channel_mean_abs,
@@ -40,6 +45,9 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    positions: list[int] | None = None
+    """With several ranks: the global index of each of this rank's micro-batches (None: the strided share of
+    quantkit.awq.reduce.strided_positions, or every micro-batch on one process)."""
 
 
 @dataclass
@@ -155,12 +163,15 @@ def _apply_scales(layer: nn.Module, group: ScalingGroup, scales: torch.Tensor) -
 
 @torch.no_grad()
 def quantize_layer(
-    layer: nn.Module, inputs: LayerInputs, spec: ArchSpec, settings: QuantSettings, index: int = 0
+    layer: nn.Module, inputs: LayerInputs, spec: ArchSpec, settings: QuantSettings, index: int = 0,
+    reducer: Reducer | None = None,
 ) -> tuple[LayerResult, list[torch.Tensor]]:
     """AWQ on one decoder layer already on the compute device. Returns the result and the next layer's inputs.
 
-    The layer is left holding its fake-quantized (dequantized) weights.
+    The layer is left holding its fake-quantized (dequantized) weights. `reducer`: how this rank's sums over
+    tokens are added to the other ranks' (default: one process); the next layer's inputs are this rank's own.
     """
+    reducer = reducer or SINGLE
     started = time.perf_counter()
     device = inputs.hidden[0].device
     if device.type == "cuda":
@@ -181,6 +192,7 @@ def quantize_layer(
         for handle in handles:
             handle.remove()
 
+    layout = batch_layout(inputs.hidden, reducer, inputs.positions)
     report = LayerReport(index=index)
     chosen: list[tuple[ScalingGroup, torch.Tensor]] = []
     unscaled_grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # input -> (X^T X, the scales chosen)
@@ -188,11 +200,11 @@ def quantize_layer(
         if not _group_applies(layer, group):
             continue
         group_inputs = features[group.linears[0]]
-        x_mean = channel_mean_abs(group_inputs)
+        x_mean = channel_mean_abs(group_inputs, reducer)
         if group.inspect is None and len(group.linears) == 1:
-            input_gram = gram(group_inputs)
+            input_gram = gram(group_inputs, reducer)
             choice = search_scales_linear(linears[group.linears[0]].weight, group_inputs, x_mean, settings,
-                                          input_gram=input_gram)
+                                          input_gram=input_gram, reducer=reducer)
             if settings.method == "awq-gptq":  # the Hessian of the scaled inputs x / s, without another pass
                 unscaled_grams[id(group_inputs[0])] = (input_gram[0], choice.scales)
             del input_gram
@@ -206,9 +218,9 @@ def quantize_layer(
             screen = None
             if settings.scale_screen_tokens is not None:
                 screen = screening_subset(group_inputs, settings.scale_screen_tokens,
-                                          whole_batches=group.inspect_takes_layer_kwargs)
+                                          whole_batches=group.inspect_takes_layer_kwargs, layout=layout)
             choice = search_scales_block(
-                [linears[n] for n in group.linears], group_inputs, x_mean, run_block, settings, screen
+                [linears[n] for n in group.linears], group_inputs, x_mean, run_block, settings, screen, reducer
             )
         chosen.append((group, choice.scales))
         report.ratios[group.prev] = choice.ratio
@@ -232,7 +244,7 @@ def quantize_layer(
 
     def hessian(x: list[torch.Tensor]) -> torch.Tensor:
         if id(x[0]) not in unscaled_grams:
-            return gram(x)[0]
+            return gram(x, reducer)[0]
         g, s = unscaled_grams.pop(id(x[0]))
         s = s.to(g.device)
         return g.div_(s.unsqueeze(0)).div_(s.unsqueeze(1))
@@ -248,7 +260,7 @@ def quantize_layer(
                 continue
             key = id(features[name][0])
             if key not in grams_by_input:
-                grams_by_input = {key: clip_grams(features[name], settings)}
+                grams_by_input = {key: clip_grams(features[name], settings, reducer, layout)}
             max_val, loss = search_clip(lin.weight, features[name], settings, grams_by_input[key])
             lin.weight.data = apply_clip(lin.weight, max_val, settings.group_size)
             clips[name] = max_val.cpu()
@@ -278,8 +290,9 @@ def quantize_layer(
             tensors[pname] = param.detach().to("cpu", copy=True)
 
     quant_out = [_first(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
-    err = sum((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out))
-    ref = sum(f.float().pow(2).sum() for f in float_out)
+    err = summed(((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out)), reducer,
+                 torch.float64)
+    ref = summed((f.float().pow(2).sum() for f in float_out), reducer, torch.float64)
     report.output_rel_mse = (err / ref.clamp(min=1e-30)).item()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the non-blocking copies above have landed
@@ -313,6 +326,7 @@ def quantize_layers(
     start: int = 0,
     on_layer_done: Callable[[LayerResult, list[torch.Tensor]], None] | None = None,
     layer_weights: LayerWeights | None = None,
+    reducer: Reducer | None = None,
 ) -> list[LayerResult]:
     """Quantize decoder layers start.. in order; each layer visits the device only while it is processed.
 
@@ -321,6 +335,9 @@ def quantize_layers(
     is loaded just before its turn and released after, so only one layer's weights exist at a time, and each
     result goes to `on_layer_done` only (the list returned is empty: kept, the results would add up to the
     whole quantized model). Either way the quantized state is in the results' tensors.
+
+    `reducer`: with several ranks, each calls this with its own share of the calibration inputs (`inputs`), the
+    same model and settings; every rank gets the same results.
     """
     layers: Sequence[nn.Module] = model.get_submodule(spec.decoder_layers)
     results = []
@@ -330,17 +347,17 @@ def quantize_layers(
             if layer_weights is not None:
                 layer_weights.load(index, layer)
                 layer.to(device)
-                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
+                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index, reducer)
                 layer_weights.release(index, layer)
             else:
                 # on the host itself, .to() is a no-op and the searches' in-place scaling would hit these tensors
                 same_device = next(layer.parameters()).device == torch.device(device)
                 host_state = {name: t.data.clone() if same_device else t.data for name, t in _tensors(layer)}
                 layer.to(device)
-                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index)
+                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index, reducer)
                 for name, t in _tensors(layer):
                     t.data = host_state[name]
-            inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs)
+            inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs, positions=inputs.positions)
             if layer_weights is None:
                 results.append(result)
             if on_layer_done is not None:

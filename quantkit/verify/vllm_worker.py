@@ -75,6 +75,8 @@ def _engine(request: dict[str, Any]) -> Any:
     from vllm import LLM
 
     options = {"compilation_config": request["compilation_config"]} if request.get("compilation_config") else {}
+    if request.get("tensor_parallel_size", 1) > 1:  # 1 is vLLM's default: left unset, as before
+        options["tensor_parallel_size"] = request["tensor_parallel_size"]
     return LLM(
         model=request["model"],
         trust_remote_code=request.get("trust_remote_code", True),

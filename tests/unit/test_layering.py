@@ -16,7 +16,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("quantkit.archs",),  # model knowledge as data
     ("quantkit.io", "quantkit.standin", "quantkit.standin_qwen2_5_vl", "quantkit.standin_code"),  # checkpoint files; the stand-in checkpoint
     ("quantkit.awq", "quantkit.calib", "quantkit.hub"),  # the engines (pure torch), calibration sets, downloads
-    ("quantkit.quantize", "quantkit.verify"),  # a quantize run around the engines; checking a release
+    ("quantkit.quantize", "quantkit.ranks", "quantkit.verify"),  # a quantize run around the engines (on one or
+    # several processes); checking a release
     ("quantkit.evaluate", "quantkit.recipe"),
     ("quantkit.card",),
     ("quantkit.upload",),
