@@ -271,10 +271,17 @@ def write_weights(out_dir: Path, size: StandinSize, seed: int, dtype: torch.dtyp
 
     `max_shard_bytes` None packs into 4 shards, as the real checkpoint is.
     """
-    specs = weight_specs(size)
+    write_sharded(out_dir, weight_specs(size), seed, dtype, max_shard_bytes, shard_count=4)
+
+
+def write_sharded(out_dir: Path, specs: list[WeightSpec], seed: int, dtype: torch.dtype,
+                  max_shard_bytes: int | None, shard_count: int) -> None:
+    """Seeded random tensors for `specs` as model-0000i-of-0000n.safetensors + model.safetensors.index.json,
+    one shard in memory at a time; `max_shard_bytes` None packs them into `shard_count` shards."""
     bytes_per_value = torch.empty((), dtype=dtype).element_size()
     total = sum(s.numel for s in specs) * bytes_per_value
-    limit = max_shard_bytes if max_shard_bytes is not None else limit_for_shard_count(specs, bytes_per_value, 4)
+    limit = max_shard_bytes if max_shard_bytes is not None else limit_for_shard_count(specs, bytes_per_value,
+                                                                                       shard_count)
     shards = plan_shards(specs, bytes_per_value, limit)
     weight_map = {}
     for index, shard in enumerate(shards, start=1):

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from quantkit.errors import InputError
 from quantkit.standin import (
@@ -26,9 +25,7 @@ from quantkit.standin import (
     UNK_TOKEN,
     WeightSpec,
     bpe_vocab_and_merges,
-    limit_for_shard_count,
-    plan_shards,
-    seeded_tensor,
+    write_sharded,
 )
 
 REAL_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -199,20 +196,7 @@ def write_weights(out_dir: Path, size: Qwen25VLSize, seed: int, dtype: torch.dty
                   max_shard_bytes: int | None) -> None:
     """model-0000i-of-0000n.safetensors + model.safetensors.index.json; one shard in memory at a time
     (`max_shard_bytes` None: 5 shards, as the real checkpoint)."""
-    specs = weight_specs(size)
-    bytes_per_value = torch.empty((), dtype=dtype).element_size()
-    limit = max_shard_bytes if max_shard_bytes is not None else limit_for_shard_count(specs, bytes_per_value, SHARDS)
-    shards = plan_shards(specs, bytes_per_value, limit)
-    weight_map = {}
-    for index, shard in enumerate(shards, start=1):
-        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file({s.name: seeded_tensor(s, seed, dtype) for s in shard}, str(out_dir / filename),
-                  metadata={"format": "pt"})
-        weight_map.update({s.name: filename for s in shard})
-    total = sum(s.numel for s in specs) * bytes_per_value
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
-        + "\n")
+    write_sharded(out_dir, weight_specs(size), seed, dtype, max_shard_bytes, shard_count=SHARDS)
 
 
 def write_tokenizer(out_dir: Path) -> None:
