@@ -12,7 +12,6 @@ through a `.pth` file; the vLLM plugin installs it too. Nothing here imports tor
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 
 HOOKED_MODULE = "torchvision._meta_registrations"
@@ -39,7 +38,9 @@ def declare_missing_ops() -> list[str]:
     return missing
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
+    """A sys.meta_path finder (duck-typed: importlib.abc would cost every interpreter start ~8 ms)."""
+
     def find_spec(self, fullname, path=None, target=None):
         """Finds nothing (the normal finders load every module); declares the schemas before the hooked module."""
         extension = sys.modules.get("torchvision.extension")
