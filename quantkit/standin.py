@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -316,11 +317,10 @@ def bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def write_tokenizer(out_dir: Path) -> None:
-    """tokenizer.json, vocab.json, merges.txt and the three JSON side files, with the real special-token ids."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+def qwen2_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` with Qwen2's normalizer, pre-tokenizer split and decoder."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    vocab, merges = bpe_vocab_and_merges()
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -328,6 +328,15 @@ def write_tokenizer(out_dir: Path) -> None:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def write_tokenizer(out_dir: Path) -> None:
+    """tokenizer.json, vocab.json, merges.txt and the three JSON side files, with the real special-token ids."""
+    from tokenizers import AddedToken
+
+    vocab, merges = bpe_vocab_and_merges()
+    tokenizer = qwen2_bpe_tokenizer(vocab, merges)
     added = [UNK_TOKEN, *SPECIAL_TOKENS]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in added])
     ids = {t: tokenizer.token_to_id(t) for t in added}

@@ -21,10 +21,10 @@ import torch
 
 from quantkit.errors import InputError
 from quantkit.standin import (
-    QWEN2_SPLIT,
     UNK_TOKEN,
     WeightSpec,
     bpe_vocab_and_merges,
+    qwen2_bpe_tokenizer,
     write_sharded,
 )
 
@@ -202,18 +202,12 @@ def write_weights(out_dir: Path, size: Qwen25VLSize, seed: int, dtype: torch.dty
 def write_tokenizer(out_dir: Path) -> None:
     """tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and chat_template.json with the real added
     tokens at their real ids (a small byte-level BPE below them, padded with unreachable fillers)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken
 
     vocab, merges = bpe_vocab_and_merges()
     vocab = {(f"<|filler_{i}|>" if token == UNK_TOKEN else token): i
              for token, i in vocab.items()}  # the MiniCPM-V helper's <unk> is not in Qwen2.5's vocabulary
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = qwen2_bpe_tokenizer(vocab, merges)
     for token in ADDED_TOKENS:  # one at a time, so each gets the next id
         if token in NOT_SPECIAL:
             tokenizer.add_tokens([AddedToken(token, normalized=False, special=False)])
