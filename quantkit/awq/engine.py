@@ -254,14 +254,13 @@ def quantize_layer(
 
     clips: dict[str, torch.Tensor] = {}
     if settings.clip:
-        grams_by_input: dict[int, torch.Tensor] = {}  # gate/up see the same tensors: one set of Gram matrices
+        last_grams: tuple[int, torch.Tensor] | None = None  # gate/up see the same tensors: computed once
         for name, lin in linears.items():
             if name in spec.no_clip:
                 continue
-            key = id(features[name][0])
-            if key not in grams_by_input:
-                grams_by_input = {key: clip_grams(features[name], settings, reducer, layout)}
-            max_val, loss = search_clip(lin.weight, features[name], settings, grams_by_input[key])
+            if last_grams is None or last_grams[0] != id(features[name][0]):
+                last_grams = (id(features[name][0]), clip_grams(features[name], settings, reducer, layout))
+            max_val, loss = search_clip(lin.weight, features[name], settings, last_grams[1])
             lin.weight.data = apply_clip(lin.weight, max_val, settings.group_size)
             clips[name] = max_val.cpu()
             report.clip_losses[name] = loss
