@@ -285,13 +285,50 @@ def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
     }
 
 
+def bench_llmcompressor(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
+    """llm-compressor 0.14's AWQModifier (W4A16 asymmetric, g128, its sequential pipeline: the same 20-point
+    scale grid, no clip search) on a fresh copy of the same weights and calibration ids: wall time and peak GPU
+    memory (its output error is not measured: it keeps its own quantized modules)."""
+    import tempfile
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.awq import AWQModifier
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model = build_llm(args.layers, device, dtype, args.seed, MINICPMV26_LLM_SHAPES).to("cpu")
+    config_dir = tempfile.mkdtemp()
+    model.config.save_pretrained(config_dir)  # llm-compressor reads the config again from the model's path
+    model.config._name_or_path = model.name_or_path = config_dir
+    ids = held.ids.tolist()
+    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]})
+    tokenizer = PreTrainedTokenizerFast(  # the data is token ids already; oneshot wants a processor
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), unk_token="<unk>",
+        pad_token="<unk>")
+    recipe = [AWQModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"])]
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe, max_seq_length=args.seq_len,
+            num_calibration_samples=len(ids))
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    return {"backend": "llm-compressor 0.14 (no clip search)", "wall_s": wall, "per_layer_s": [],
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30, "output_rel_mse": float("nan"),
+            "rtn_output_rel_mse": relative_mse(held.rtn, held.reference), "ratios": []}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=["native", "autoawq", "both"], default="native")
+    parser.add_argument("--backend", choices=["native", "autoawq", "both", "llmcompressor", "all"], default="native",
+                        help="both: native and AutoAWQ 0.2.9; all: and llm-compressor 0.14 (each on the same "
+                             "weights and ids, one after the other)")
     parser.add_argument("--method", nargs="+", choices=[*METHODS, "both"], default=["awq"],
                         help="native engine's methods, run one after the other on the same weights and data; "
                              "both: awq then awq-gptq")
@@ -322,7 +359,7 @@ def main() -> None:
     model = build_llm(args.layers, device, dtype, args.seed, shapes)
     held = prepare(args, model, device)
     results = []
-    if args.backend in ("native", "both"):
+    if args.backend in ("native", "both", "all"):
         methods = ["awq", "awq-gptq"] if args.method == ["both"] else args.method
         for i, method in enumerate(methods):
             if i:  # output_errors() left the previous run's int4 weights in the model
@@ -336,8 +373,10 @@ def main() -> None:
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    if args.backend in ("autoawq", "both"):
+    if args.backend in ("autoawq", "both", "all"):
         results.append(bench_autoawq(args, held, device, dtype))
+    if args.backend in ("llmcompressor", "all"):
+        results.append(bench_llmcompressor(args, held, device, dtype))
     if rate:
         print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     print("| backend | layers | samples x seq | wall | per layer | est. 28 layers | peak GPU | floor | wall/floor "
@@ -350,17 +389,18 @@ def main() -> None:
               f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} "
               f"({result['rtn_output_rel_mse']:.3e}) |")
     speed = {}
-    if args.backend in ("native", "both") and len(methods) > 1:
+    if args.backend in ("native", "both", "all") and len(methods) > 1:
         speed["time_ratios"] = {r["backend"]: r["wall_s"] / results[0]["wall_s"] for r in results[1:len(methods)]}
         for name, ratio in speed["time_ratios"].items():
             print(f"\n{name} takes {ratio:.2f}x {results[0]['backend']}'s time ({args.layers} layers, same data)")
         speed["same_choices"] = {r["backend"]: same_choices(results[0], r) for r in results[1:len(methods)]}
         for name, agreement in speed["same_choices"].items():
             print(f"{name} vs {results[0]['backend']}: {agreement}")
-    if args.backend == "both":
-        speed["speed_ratio"] = results[-1]["wall_s"] / results[0]["wall_s"]
-        print(f"\nnative is {speed['speed_ratio']:.1f}x faster than AutoAWQ 0.2.9 ({args.layers} layers, same data); "
-              "output rel. MSE in parentheses: round-to-nearest")
+    if args.backend in ("both", "all"):
+        speed["peer_ratios"] = {r["backend"]: r["wall_s"] / results[0]["wall_s"] for r in results[len(methods):]}
+        for name, ratio in speed["peer_ratios"].items():
+            print(f"\n{results[0]['backend']} is {ratio:.1f}x faster than {name} ({args.layers} layers, same data)")
+        print("output rel. MSE in parentheses: round-to-nearest")
     if args.json:
         args.json.write_text(json.dumps({"matmul_tflops": rate / 1e12 if rate else None, "floor_s": floor, "flops": flops,
                                          **results[0], "backends": results, **speed}, indent=1))

@@ -27,6 +27,8 @@
 # which is how vLLM loads MiniCPM-V's processor (seen 2026-11-25).
 # WORK (default /root/quantkit-e2e) holds the models; OUT (default $WORK/out) receives logs and reports.
 # SIZE=tiny runs the same steps on the tiny stand-in (minutes less; proves loading, not speed).
+# ARCH=qwen2_5_vl runs them on the Qwen2.5-VL-7B stand-in instead of MiniCPM-V 2.6's (any arch spec name that
+# `python -m quantkit.standin --arch` takes); CROSSCHECK=none skips the independent timing.
 # HUB_CODE=DIR replaces the stand-in's code files by DIR/*.py, the seven files openbmb/MiniCPM-V-2_6 publishes
 # (../shared/fixtures/minicpmv26-hub-code; carry a copy): the folder then looks like a real download, and quantkit
 # must quantize it without importing them while vLLM runs their configuration and processor code.
@@ -34,13 +36,14 @@ set -euo pipefail
 WORK=${WORK:-/root/quantkit-e2e}
 OUT=${OUT:-$WORK/out}
 SIZE=${SIZE:-real}
+ARCH=${ARCH:-minicpmv26}
 mkdir -p "$WORK" "$OUT"
-FP16="$WORK/minicpmv26-$SIZE-bf16"
-INT4="$WORK/minicpmv26-$SIZE-awq"
+FP16="$WORK/$ARCH-$SIZE-bf16"
+INT4="$WORK/$ARCH-$SIZE-awq"
 
 case "${1:-}" in
   build)
-    [ -f "$FP16/config.json" ] || time python3 -m quantkit.testing.standin --size "$SIZE" "$FP16"
+    [ -f "$FP16/config.json" ] || time python3 -m quantkit.standin --arch "$ARCH" --size "$SIZE" "$FP16"
     if [ -n "${HUB_CODE:-}" ]; then
         cp "$HUB_CODE"/*.py "$FP16"/ && echo "published code files: $(cd "$FP16" && sha256sum ./*.py | sha256sum)"
     fi
@@ -61,12 +64,14 @@ PY
     python3 -m quantkit verify "$INT4" --reference "$FP16" --gpu-memory-gb 24 --speed-trials "${SPEED_TRIALS:-3}" \
         2>&1 | tee "$OUT/verify.log" | tail -n 60 || echo "verify exited non-zero (verdict FAIL or error): see $OUT/verify.log"
     cp "$INT4"/verify-report.* "$OUT/" || { echo "no verify report: see $OUT/verify.log"; touch "$OUT/verify.done"; exit 1; }
-    python3 scripts/speed_crosscheck.py "$INT4/verify-report.json" --reference "$FP16" --setups "${CROSSCHECK:-recommended}" \
-        --json "$OUT/crosscheck.json" --log-dir "$OUT" > "$OUT/crosscheck.txt" 2>&1 || true
+    if [ "${CROSSCHECK:-recommended}" != none ]; then
+        python3 scripts/speed_crosscheck.py "$INT4/verify-report.json" --reference "$FP16" --setups "${CROSSCHECK:-recommended}" \
+            --json "$OUT/crosscheck.json" --log-dir "$OUT" > "$OUT/crosscheck.txt" 2>&1 || true
+    fi
     { echo "== verify: fastest setup per batch size, and the serve command (verify-report.md) =="
       sed -n '/^Fastest measured setup per batch size:/,/^## /p' "$OUT/verify-report.md" | grep -v '^## ' || true
       echo; echo "== verify's decode figures vs the independent timing (scripts/speed_crosscheck.py) =="
-      sed -n '/^decode tok\/s: verify vs independent/,$p' "$OUT/crosscheck.txt"
+      [ -f "$OUT/crosscheck.txt" ] && sed -n '/^decode tok\/s: verify vs independent/,$p' "$OUT/crosscheck.txt" || true
     } | tee "$OUT/summary.txt"
     touch "$OUT/verify.done"
     ;;

@@ -147,6 +147,18 @@ def screening_subset(
     return picked
 
 
+def gram_scoring_is_cheaper(tokens: int, weight_shape: Sequence[int], settings: QuantSettings) -> bool:
+    """Whether a single linear's scale grid costs fewer FLOPs scored through its inputs' Gram matrix (build it,
+    then one out x in x in product per grid point) than by re-running the linear over the tokens (screened as
+    `settings` says). Few tokens or a narrow input favour the Gram matrix; 65k tokens into down_proj do not."""
+    out_features, in_features = weight_shape
+    grid = settings.scale_grid
+    through_gram = (tokens + grid * out_features) * in_features * in_features
+    screen = settings.scale_screen_tokens
+    token_runs = grid * tokens if screen is None or tokens <= screen else grid * screen + settings.scale_finalists * tokens
+    return through_gram <= token_runs * out_features * in_features
+
+
 def search_scales_block(
     linears: Sequence[torch.nn.Linear],
     inputs: Sequence[torch.Tensor],
@@ -155,13 +167,17 @@ def search_scales_block(
     settings: QuantSettings,
     screen: Sequence[tuple[int, torch.Tensor]] | None = None,
     reducer: Reducer | None = None,
+    reference: Sequence[torch.Tensor] | None = None,
 ) -> ScaleChoice:
-    """Scale search for a group inspected through a block (attention, MLP): the block is re-run per grid point.
+    """Scale search for a group inspected through a block (attention, MLP, or a single linear): the block is
+    re-run per grid point.
 
     `run_block(i, x)` runs the block on micro-batch i (or on rows of it). With a `screen` (screening_subset),
     every grid point is scored on it first and only the `settings.scale_finalists` best on all inputs: the
     loss curve over the grid is smooth, so the full set's best is among the screen's few best at a fraction of
-    the FLOPs. The other grid points' `losses` are then NaN. The linears' weights are restored before returning.
+    the FLOPs. The other grid points' `losses` are then NaN. `reference`: the block's 16-bit outputs on every
+    micro-batch, when the layer's own forward already computed them (saves one run over every token).
+    The linears' weights are restored before returning.
 
     With a `reducer`, each candidate's squared-error sum and element count are added over the ranks (float64)
     before any ranking: the finalists and the choice are the same on every rank.
@@ -170,10 +186,12 @@ def search_scales_block(
     originals = [lin.weight.data.clone() for lin in linears]
     ratios = [i / settings.scale_grid for i in range(settings.scale_grid)]
 
-    def score(candidates: list[int], batches: Sequence[tuple[int, torch.Tensor]]) -> list[float]:
+    def score(candidates: list[int], batches: Sequence[tuple[int, torch.Tensor]],
+              reference: Sequence[torch.Tensor] | None = None) -> list[float]:
         for lin, w in zip(linears, originals):
             lin.weight.data = w
-        reference = [run_block(i, x).float() for i, x in batches]
+        if reference is None:
+            reference = [run_block(i, x) for i, x in batches]
         sums = []
         for c in candidates:
             s = candidate_scales(x_mean, w_mean, ratios[c], settings.duo_scaling)
@@ -192,13 +210,13 @@ def search_scales_block(
     everything = list(enumerate(inputs))
     try:
         if screen is None:
-            losses = score(list(range(len(ratios))), everything)
+            losses = score(list(range(len(ratios))), everything, reference)
         else:
             screened = score(list(range(len(ratios))), screen)
             ranked = sorted(range(len(ratios)), key=lambda c: (not math.isfinite(screened[c]), screened[c], c))
             finalists = sorted(ranked[: settings.scale_finalists])
             losses = [math.nan] * len(ratios)
-            for c, loss in zip(finalists, score(finalists, everything)):
+            for c, loss in zip(finalists, score(finalists, everything, reference)):
                 losses[c] = loss
     finally:
         for lin, w in zip(linears, originals):

@@ -10,6 +10,7 @@ from quantkit.awq.quant import dequantize_gemm, fake_quantize, unpack_gemm
 from quantkit.awq.search import (
     candidate_scales,
     channel_mean_abs,
+    gram_scoring_is_cheaper,
     group_grams,
     scaled_fake_quant,
     screening_subset,
@@ -141,6 +142,34 @@ def test_quantize_layers_leaves_the_model_unchanged(tiny_qwen2):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream layer copies run on a GPU only")
+def test_layers_brought_to_the_gpu_ahead_give_what_one_at_a_time_gives(tiny_qwen2):
+    """quantize_layers copies layer i+1 on a side stream while layer i is searched: the results equal those of
+    quantize_layer on each layer moved in line, and the host model keeps its 16-bit weights."""
+    from quantkit.awq.engine import LayerInputs, move_outside_layers, quantize_layers
+
+    model = tiny_qwen2.to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(7))
+    move_outside_layers(model, QWEN2, "cuda")
+    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c.cuda()) for c in ids.split(2)], "cuda")
+    move_outside_layers(model, QWEN2, "cpu")
+    ahead = quantize_layers(model, QWEN2, QuantSettings(), inputs, "cuda")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as quantize_layers sets it on a GPU
+    try:
+        for index, layer in enumerate(model.model.layers):
+            layer.to("cuda")
+            in_line, hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index)
+            inputs = LayerInputs(hidden=hidden, kwargs=inputs.kwargs)
+            assert in_line.report.ratios == ahead[index].report.ratios
+            assert all(torch.equal(in_line.tensors[k], ahead[index].tensors[k]) for k in in_line.tensors)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def test_engine_packs_what_it_computes_with_on_the_awq_grid(tiny_qwen2):
     """awq-gptq keeps awq's searches, scales and zeros (the same release format); only the integers move, and
     the packed tensors unpack to exactly the engine's fake-quantized weights. Lower calibration output error."""
@@ -178,8 +207,9 @@ def test_screening_subset_spreads_whole_sequences_over_the_micro_batches():
 
 def test_screened_scale_search_keeps_the_full_search_choices_with_fewer_block_runs(tiny_qwen2):
     """Screening on a quarter of the sequences, then 3 finalists on all: the same ratios as scoring every grid
-    point on every token, the same losses for them, and the MLP run 20 + 1 times on the screen plus 3 + 1 times on
-    the full set instead of 20 + 1 times on the full set."""
+    point on every token, the same losses for them, and the MLP run 20 + 1 times on the screen plus 3 times on
+    the full set instead of 20 times on the full set (its reference outputs there come from the layer's own
+    float forward)."""
     model = tiny_qwen2
     ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(11))
     inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
@@ -200,5 +230,38 @@ def test_screened_scale_search_keeps_the_full_search_choices_with_fewer_block_ru
     assert screened.ratios == full.ratios
     assert screened.scale_losses == pytest.approx(full.scale_losses, rel=1e-6)
     # the layer's float and quantized forwards (4 micro-batches each) frame the search's runs
-    assert runs[None][1] == [4] * 4 + [4] * 4 * 21 + [4] * 4
-    assert runs[256][1] == [4] * 4 + [1] * 4 * 21 + [4] * 4 * 4 + [4] * 4
+    assert runs[None][1] == [4] * 4 + [4] * 4 * 20 + [4] * 4
+    assert runs[256][1] == [4] * 4 + [1] * 4 * 21 + [4] * 4 * 3 + [4] * 4
+
+
+def test_gram_or_token_runs_for_a_single_linear_by_flops():
+    settings = QuantSettings()
+    assert not gram_scoring_is_cheaper(128 * 512, (3584, 18944), settings)  # MiniCPM-V 2.6's down_proj
+    assert gram_scoring_is_cheaper(8 * 512, (576, 1536), settings)  # SmolLM2-135M's, 8 blocks
+    assert gram_scoring_is_cheaper(128 * 512, (3584, 3584), settings)  # an o_proj fed by v_proj
+
+
+def test_single_linear_scored_by_token_runs_matches_its_gram_matrix(tiny_qwen2, monkeypatch):
+    """down_proj's scale search re-run over the tokens (as at real shapes, where it costs fewer FLOPs) chooses
+    as the Gram-matrix route does, with the same losses up to float rounding."""
+    from quantkit.awq import engine
+
+    model = tiny_qwen2
+    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(5))
+    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
+    layer = model.model.layers[0]
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    down_rows: list[int] = []
+    handle = layer.mlp.down_proj.register_forward_hook(lambda m, a, o: down_rows.append(a[0].shape[0]))
+    try:
+        gram_route, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=None), index=0)
+        layer.load_state_dict(original)
+        gram_runs = len(down_rows)
+        monkeypatch.setattr(engine, "gram_scoring_is_cheaper", lambda *args: False)
+        token_route, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=None), index=0)
+        layer.load_state_dict(original)
+    finally:
+        handle.remove()
+    assert token_route.report.ratios == gram_route.report.ratios
+    assert token_route.report.scale_losses == pytest.approx(gram_route.report.scale_losses, rel=1e-4)
+    assert len(down_rows) - gram_runs == gram_runs + 4 * 20  # + one run per grid point over the 4 micro-batches
