@@ -142,34 +142,6 @@ def test_quantize_layers_leaves_the_model_unchanged(tiny_qwen2):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream layer copies run on a GPU only")
-def test_layers_brought_to_the_gpu_ahead_give_what_one_at_a_time_gives(tiny_qwen2):
-    """quantize_layers copies layer i+1 on a side stream while layer i is searched: the results equal those of
-    quantize_layer on each layer moved in line, and the host model keeps its 16-bit weights."""
-    from quantkit.awq.engine import LayerInputs, move_outside_layers, quantize_layers
-
-    model = tiny_qwen2.to(torch.bfloat16)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(7))
-    move_outside_layers(model, QWEN2, "cuda")
-    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c.cuda()) for c in ids.split(2)], "cuda")
-    move_outside_layers(model, QWEN2, "cpu")
-    ahead = quantize_layers(model, QWEN2, QuantSettings(), inputs, "cuda")
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # as quantize_layers sets it on a GPU
-    try:
-        for index, layer in enumerate(model.model.layers):
-            layer.to("cuda")
-            in_line, hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index)
-            inputs = LayerInputs(hidden=hidden, kwargs=inputs.kwargs)
-            assert in_line.report.ratios == ahead[index].report.ratios
-            assert all(torch.equal(in_line.tensors[k], ahead[index].tensors[k]) for k in in_line.tensors)
-    finally:
-        torch.set_float32_matmul_precision(precision)
-
-
 def test_engine_packs_what_it_computes_with_on_the_awq_grid(tiny_qwen2):
     """awq-gptq keeps awq's searches, scales and zeros (the same release format); only the integers move, and
     the packed tensors unpack to exactly the engine's fake-quantized weights. Lower calibration output error."""
