@@ -102,7 +102,9 @@ def verify_figure(report: dict, variant: str, setup_name: str, batch: int, key: 
 def run_one(spec: dict) -> dict:
     """`spec` timed in a child process with the setup's environment; vLLM's log goes to a file beside it."""
     env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **spec["setup"]["env"]}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if not spec["gpu"]:  # as quantkit's workers on the CPU: one process, no second import of vLLM
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     log = Path(spec["log"])
     with open(log, "w") as handle:
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], stdout=subprocess.PIPE,
@@ -163,6 +165,9 @@ def main() -> None:
         print(MARK + json.dumps(time_setup(json.loads(args.one))), flush=True)
         return
 
+    import torch
+
+    gpu = torch.cuda.is_available()
     report = json.loads(Path(args.report).read_text())
     models = model_folders(Path(args.report), report, args.int4, args.reference)
     settings = report["settings"]
@@ -172,7 +177,7 @@ def main() -> None:
                 "max_model_len": settings["max_model_len"], "max_logprobs": settings["top_k"],
                 "compilation_config": item["setup"]["compilation_config"], "batches": args.batches,
                 "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-                "log": str(args.log_dir / f"crosscheck-{index}-{item['variant']}.log")}
+                "gpu": gpu, "log": str(args.log_dir / f"crosscheck-{index}-{item['variant']}.log")}
         print(f"timing {item['variant']} with {item['setup']['name']} ({item['model']})", flush=True)
         measured = run_one(spec)
         results.append({"variant": item["variant"], "setup": item["setup"]["name"], "measured": measured,

@@ -95,6 +95,7 @@ def test_vllm_runs_text_image_images_video_on_16bit_and_int4(qwen25vl_dir: Path,
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     (tmp_path / "run_vllm.py").write_text(textwrap.dedent(RUNNER))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: one vLLM import, not two
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(tmp_path / "run_vllm.py"), str(qwen25vl_dir), str(qwen_release_for_vllm)],
                           check=False, env=env, capture_output=True, text=True, timeout=900)

@@ -74,6 +74,7 @@ def test_vllm_generates_for_text_and_image(published_dir: Path, tmp_path: Path):
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     (tmp_path / "run_vllm.py").write_text(textwrap.dedent(RUNNER))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: one vLLM import, not two
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(tmp_path / "run_vllm.py"), str(published_dir), TEXT_PROMPT,
                            IMAGE_PROMPT], check=False, env=env, capture_output=True, text=True, timeout=540)

@@ -133,8 +133,11 @@ def test_worker_env_sets_cpu_settings_without_overriding_the_user(monkeypatch: p
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     env = worker_env(gpu=False)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
-    assert "VLLM_CPU_KVCACHE_SPACE" not in worker_env(gpu=True)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    on_gpu = worker_env(gpu=True)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in on_gpu and "VLLM_ENABLE_V1_MULTIPROCESSING" not in on_gpu
 
 
 def test_verify_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
