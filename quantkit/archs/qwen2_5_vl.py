@@ -126,7 +126,8 @@ QWEN2_5_VL = ArchSpec(
     linear_shapes=decoder_linear_shapes,
     biased_linears=qwen2_biases,
     vision_params=_vit_params,
-    chat=ChatFormat(stop_tokens=CHATML.stop_tokens, image_placeholder=IMAGE_PLACEHOLDER),
+    chat=ChatFormat(stop_tokens=CHATML.stop_tokens, image_placeholder=IMAGE_PLACEHOLDER,
+                    video_placeholder=VIDEO_PLACEHOLDER),
     prompt_kinds=PROMPT_KINDS,
     card=CardText(
         display_name="Qwen2.5-VL",

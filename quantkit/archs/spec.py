@@ -46,6 +46,9 @@ class ChatFormat:
     """Tokens that end a reply (greedy decoding stops at the first)."""
     image_placeholder: str | None = None
     """The text standing for one image in a user turn, one line per image (None: the model takes no images)."""
+    video_placeholder: str | None = None
+    """The text standing for a whole video in a user turn, its frames given to vLLM as one video (None: a video
+    prompt's frames go as images, one image placeholder each, which is how MiniCPM-V 2.6 reads a video)."""
 
 
 @dataclass(frozen=True)

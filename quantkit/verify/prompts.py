@@ -30,11 +30,18 @@ class Prompt:
     images: tuple[str, ...] = ()
     """Absolute paths of the images (or video frames, in order)."""
 
-    def user_content(self, image_placeholder: str | None) -> str:
-        """The user turn: one line of the architecture's `image_placeholder` per image, then the question."""
+    def user_content(self, image_placeholder: str | None, video_placeholder: str | None = None) -> str:
+        """The user turn: one line of the architecture's `image_placeholder` per image, then the question. A video
+        is one `video_placeholder` line where the architecture has one (`sent_as_video`), else its frames as
+        images."""
+        if self.sent_as_video(video_placeholder):
+            return f"{video_placeholder}\n{self.text}"
         if self.images and image_placeholder is None:
             raise InputError(f"prompt {self.id!r} has images but the model takes none")
         return "\n".join([*[image_placeholder] * len(self.images), self.text])
+
+    def sent_as_video(self, video_placeholder: str | None) -> bool:
+        return self.kind == "video" and video_placeholder is not None
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -275,6 +275,7 @@ def run_variant(
     """
     gpu = has_gpu()
     speed = settings.speed or (GPU_SPEED if gpu else CPU_SPEED)
+    video = chat.video_placeholder if chat else None
     request = {
         "model": str(Path(model_dir).resolve()),
         "trust_remote_code": remote_code,
@@ -282,13 +283,14 @@ def run_variant(
         "max_tokens": settings.max_tokens,
         "top_k": settings.top_k,
         "dtype": dtype or settings.dtype,
-        "max_images": max((len(p.images) for p in prompts), default=0),
+        "max_images": max((len(p.images) for p in prompts if not p.sent_as_video(video)), default=0),
+        "max_videos": int(any(p.sent_as_video(video) for p in prompts)),  # one video per prompt at most
         "gpu_memory_utilization": settings.gpu_memory_utilization or (0.9 if gpu else 0.3),
         "enforce_eager": not gpu,
         "compilation_config": compilation_config,
-        "prompts": [{**p.as_dict(), "content": p.user_content(chat.image_placeholder if chat else None)}
-                    for p in prompts],
-        "image_placeholder": chat.image_placeholder if chat else None,
+        "prompts": [{**p.as_dict(), "content": p.user_content(chat.image_placeholder if chat else None, video),
+                     "as_video": p.sent_as_video(video)} for p in prompts],
+        "placeholders": [text for text in (chat.image_placeholder, video) if text] if chat else [],
         "stop_tokens": list(chat.stop_tokens) if chat else [],
         "teacher": teacher,
         "speed": asdict(speed) if settings.measure_speed else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -31,8 +32,8 @@ def _position(logprobs: Any) -> dict[int, float]:
     return {int(token): float(entry.logprob) for token, entry in logprobs.items()}
 
 
-def _chat_token_ids(tokenizer: Any, content: str, image_placeholder: str | None) -> list[int]:
-    """The chat-templated user turn as token ids, each image placeholder (the arch's) encoded on its own.
+def _chat_token_ids(tokenizer: Any, content: str, placeholders: list[str]) -> list[int]:
+    """The chat-templated user turn as token ids, each image or video placeholder (the arch's) encoded on its own.
 
     Encoding the whole text would merge a placeholder's ")" with the following newline (Qwen2 has a ")\n"
     token); vLLM then misses the placeholder among the ids, decodes the whole prompt and re-encodes it, which
@@ -43,13 +44,10 @@ def _chat_token_ids(tokenizer: Any, content: str, image_placeholder: str | None)
                            "each prompt with it, as vLLM's chat endpoint would")
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
-    if image_placeholder is None:
+    if not placeholders:
         return tokenizer.encode(text, add_special_tokens=False)
-    placeholder = tokenizer.encode(image_placeholder, add_special_tokens=False)
     ids: list[int] = []
-    for index, segment in enumerate(text.split(image_placeholder)):
-        if index:
-            ids.extend(placeholder)
+    for segment in re.split("(" + "|".join(map(re.escape, placeholders)) + ")", text):
         ids.extend(tokenizer.encode(segment, add_special_tokens=False))
     return ids
 
@@ -69,6 +67,24 @@ def _load_images(paths: list[str]) -> list[Any]:
     return images
 
 
+VIDEO_FPS = 2.0
+"""The frame rate a prompt's frames are declared at when they go to vLLM as one video."""
+
+
+def _multi_modal_data(prompt: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's multi_modal_data for a prompt: its images, or its frames as one video ([frames, H, W, 3] uint8
+    with the metadata vLLM's video processors read: every frame kept, VIDEO_FPS apart)."""
+    images = _load_images(prompt["images"])
+    if not prompt.get("as_video"):
+        return {"image": images}
+    import numpy as np
+
+    frames = np.stack([np.asarray(image) for image in images])
+    metadata = {"fps": VIDEO_FPS, "total_num_frames": len(images), "frames_indices": list(range(len(images))),
+                "duration": len(images) / VIDEO_FPS, "video_backend": "opencv"}
+    return {"video": (frames, metadata)}
+
+
 def _engine(request: dict[str, Any]) -> Any:
     """vLLM detects AWQ from quantization_config itself: passing quantization= would force a slower kernel.
     `compilation_config` (e.g. a CUDA-graph mode) is passed only when the request sets one: None keeps vLLM's."""
@@ -81,7 +97,8 @@ def _engine(request: dict[str, Any]) -> Any:
         model=request["model"],
         trust_remote_code=request.get("trust_remote_code", True),
         max_model_len=request["max_model_len"],
-        limit_mm_per_prompt={"image": max(1, request["max_images"])},
+        limit_mm_per_prompt={"image": max(1, request["max_images"]),
+                             **({"video": request["max_videos"]} if request.get("max_videos") else {})},
         dtype=request["dtype"],
         seed=0,
         max_logprobs=request["top_k"],
@@ -105,10 +122,10 @@ def _parity_runs(llm: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
     prompts = request["prompts"]
     inputs = []
     for prompt in prompts:
-        ids = _chat_token_ids(tokenizer, prompt["content"], request["image_placeholder"])
+        ids = _chat_token_ids(tokenizer, prompt["content"], request["placeholders"])
         item: dict[str, Any] = {"prompt_token_ids": ids}
         if prompt["images"]:
-            item["multi_modal_data"] = {"image": _load_images(prompt["images"])}
+            item["multi_modal_data"] = _multi_modal_data(prompt)
         inputs.append(item)
 
     greedy = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], logprobs=top_k,

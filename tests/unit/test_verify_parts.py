@@ -39,6 +39,40 @@ def test_default_suite_covers_every_kind_with_real_images() -> None:
     assert video.user_content(IMAGE_PLACEHOLDER).startswith("\n".join([IMAGE_PLACEHOLDER] * len(video.images)) + "\n")
 
 
+def test_a_video_goes_as_one_video_where_the_architecture_has_a_video_placeholder(tmp_path: Path) -> None:
+    """Qwen2.5-VL: the video prompt is one <|video_pad|> line and its frames one [frames, H, W, 3] array with
+    metadata; images stay images. MiniCPM-V 2.6 (no video placeholder): the frames go as images."""
+    from quantkit.archs import QWEN2_5_VL
+    from quantkit.verify.vllm_worker import VIDEO_FPS, _chat_token_ids, _multi_modal_data
+
+    chat = QWEN2_5_VL.chat
+    video = next(p for p in load_prompts() if p.kind == "video")
+    content = video.user_content(chat.image_placeholder, chat.video_placeholder)
+    assert content == f"{chat.video_placeholder}\n{video.text}" and chat.image_placeholder not in content
+    assert video.user_content(IMAGE_PLACEHOLDER, MINICPMV26.chat.video_placeholder).count(IMAGE_PLACEHOLDER) == 4
+
+    data = _multi_modal_data({**video.as_dict(), "as_video": True})
+    frames, metadata = data["video"]
+    assert frames.shape == (4, 240, 320, 3) and frames.dtype.name == "uint8"
+    assert metadata["total_num_frames"] == 4 and metadata["fps"] == VIDEO_FPS
+    assert len(_multi_modal_data({**video.as_dict(), "as_video": False})["image"]) == 4
+
+    class Tokenizer:  # one id per character, so merges across a placeholder would show
+        chat_template = "given"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "<u>" + messages[0]["content"] + "</u>"
+
+        def encode(self, text, add_special_tokens):
+            return [len(text)] if text in (chat.image_placeholder, chat.video_placeholder) else [ord(c) for c in text]
+
+    text = f"{chat.image_placeholder}\nA\n{chat.video_placeholder}\nB"
+    ids = _chat_token_ids(Tokenizer(), text, [chat.image_placeholder, chat.video_placeholder])
+    expected = [*map(ord, "<u>"), len(chat.image_placeholder), *map(ord, "\nA\n"), len(chat.video_placeholder),
+                *map(ord, "\nB</u>")]
+    assert ids == expected
+
+
 def test_the_suite_keeps_the_kinds_the_architecture_takes() -> None:
     """A text-only LLM gets the shipped suite's text prompts; a user's suite with images is refused for it."""
     suite = load_prompts()
