@@ -177,16 +177,20 @@ def test_screening_subset_spreads_whole_sequences_over_the_micro_batches():
     assert screening_subset(batches, 1000, whole_batches=True) is None
 
 
+def first_layer_and_inputs(model, seed: int):
+    """Layer 0 of `model`, its inputs for 16 random sequences of 64 tokens (4 micro-batches) and its state."""
+    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(seed))
+    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
+    layer = model.model.layers[0]
+    return layer, inputs, {k: v.clone() for k, v in layer.state_dict().items()}
+
+
 def test_screened_scale_search_keeps_the_full_search_choices_with_fewer_block_runs(tiny_qwen2):
     """Screening on a quarter of the sequences, then 3 finalists on all: the same ratios as scoring every grid
     point on every token, the same losses for them, and the MLP run 20 + 1 times on the screen plus 3 times on
     the full set instead of 20 times on the full set (its reference outputs there come from the layer's own
     float forward)."""
-    model = tiny_qwen2
-    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(11))
-    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
-    layer = model.model.layers[0]
-    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer, inputs, original = first_layer_and_inputs(tiny_qwen2, seed=11)
     mlp_rows: list[int] = []
     handle = layer.mlp.register_forward_hook(lambda m, a, o: mlp_rows.append(a[0].shape[0]))
     try:
@@ -218,11 +222,7 @@ def test_single_linear_scored_by_token_runs_matches_its_gram_matrix(tiny_qwen2, 
     as the Gram-matrix route does, with the same losses up to float rounding."""
     from quantkit.awq import engine
 
-    model = tiny_qwen2
-    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(5))
-    inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
-    layer = model.model.layers[0]
-    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer, inputs, original = first_layer_and_inputs(tiny_qwen2, seed=5)
     down_rows: list[int] = []
     handle = layer.mlp.down_proj.register_forward_hook(lambda m, a, o: down_rows.append(a[0].shape[0]))
     try:
