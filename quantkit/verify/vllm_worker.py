@@ -79,6 +79,11 @@ def _multi_modal_data(prompt: dict[str, Any]) -> dict[str, Any]:
         return {"image": images}
     import numpy as np
 
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise ValueError(f"prompt {prompt['id']!r}: its video frames have {len(sizes)} sizes "
+                         f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes))}); a video's frames must share one "
+                         f"size: resize them in the prompt suite")
     frames = np.stack([np.asarray(image) for image in images])
     metadata = {"fps": VIDEO_FPS, "total_num_frames": len(images), "frames_indices": list(range(len(images))),
                 "duration": len(images) / VIDEO_FPS, "video_backend": "opencv"}

@@ -56,6 +56,10 @@ def test_a_video_goes_as_one_video_where_the_architecture_has_a_video_placeholde
     assert frames.shape == (4, 240, 320, 3) and frames.dtype.name == "uint8"
     assert metadata["total_num_frames"] == 4 and metadata["fps"] == VIDEO_FPS
     assert len(_multi_modal_data({**video.as_dict(), "as_video": False})["image"]) == 4
+    odd = tmp_path / "odd.png"
+    Image.new("RGB", (64, 48)).save(odd)
+    with pytest.raises(ValueError, match=r"'video-ball'.*2 sizes \(64x48, 320x240\).*resize them"):
+        _multi_modal_data({**video.as_dict(), "images": [*video.images[:3], str(odd)], "as_video": True})
 
     class Tokenizer:  # one id per character, so merges across a placeholder would show
         chat_template = "given"
