@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.awq import kernels
 from quantkit.awq.quant import fake_quantize, fake_quantize_groups_
 from quantkit.awq.reduce import BatchLayout, Reducer, summed, summed_count
 from quantkit.awq.settings import QuantSettings
@@ -46,6 +47,8 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, d
 
 def scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
     """Q(W * s) / s: the effective weight once the input is divided by s and W's columns multiplied by s."""
+    if kernels.available(weight):
+        return kernels.scaled_fake_quant(weight, scales, settings.bits, settings.group_size)
     s = scales.to(weight.dtype)
     return fake_quantize(weight * s, settings.bits, settings.group_size) / s
 
@@ -285,6 +288,10 @@ def search_clip(
     computed it. Returns the bound [out, groups] and the mean error."""
     if grams is None:
         grams = clip_grams(batches, settings, reducer, layout)
+    factors = [1 - step / settings.clip_grid for step in range(int(settings.clip_max_shrink * settings.clip_grid))]
+    if kernels.available(weight):
+        best_max, best_err = kernels.clip_search(weight, grams, factors, settings.bits, settings.group_size)
+        return best_max, best_err.mean().item()
     out_features, in_features = weight.shape
     gs = settings.group_size
     groups = in_features // gs
@@ -292,8 +299,8 @@ def search_clip(
     org_max = w.abs().amax(dim=-1)  # [groups, out]
     best_err = torch.full_like(org_max, float("inf"))
     best_max = org_max.clone()
-    for step in range(int(settings.clip_max_shrink * settings.clip_grid)):
-        max_val = org_max * (1 - step / settings.clip_grid)
+    for factor in factors:
+        max_val = org_max * factor
         bound = max_val.unsqueeze(-1)
         delta = fake_quantize_groups_(torch.clamp(w, -bound, bound), settings.bits).sub_(w)
         err = (torch.bmm(delta, grams) * delta).sum(dim=-1)  # [groups, out]

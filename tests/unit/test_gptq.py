@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantkit.awq.gptq import gptq_round, gptq_round_shared, inverse_hessian_factor
+from quantkit.awq.gptq import gptq_round, gptq_round_shared, inverse_hessian_factor, upper_triangular_inverse
 from quantkit.awq.quant import quantize
 from quantkit.awq.settings import QuantSettings
 from quantkit.errors import InputError
@@ -121,3 +121,13 @@ def test_cuda_graph_replay_rounds_like_the_eager_loop():
         on_cpu = gptq_round(w, x.t() @ x, grid, damp=0.1, block_size=128)
         on_gpu = gptq_round(w.cuda(), (x.t() @ x).cuda(), grid, damp=0.1, block_size=128)
         assert (on_gpu.q.cpu() != on_cpu.q).float().mean() < 0.002
+
+
+def test_upper_triangular_inverse_by_halves_matches_a_float64_solve():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1200, 300, generator=gen) @ (torch.eye(300) + 0.1 * torch.randn(300, 300, generator=gen))
+    r = torch.linalg.cholesky((x.t() @ x).double()).t()  # upper triangular
+    exact = torch.linalg.solve_triangular(r, torch.eye(300, dtype=torch.float64), upper=True)
+    halves = upper_triangular_inverse(r.float(), base=64)  # three levels of halves, uneven splits
+    assert torch.equal(halves.tril(-1), torch.zeros_like(halves.tril(-1)))
+    assert ((halves.double() - exact).norm() / exact.norm()).item() < 1e-5
