@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import torch
 from torch import nn
@@ -346,7 +347,8 @@ def quantize_layers(
 
     Without `layer_weights`, the model holds every layer and keeps its original 16-bit weights (copying the
     fake-quantized ones back would cost a device-to-host transfer per layer for nothing); with it, each layer
-    is loaded just before its turn and released after, so only one layer's weights exist at a time, and each
+    is loaded just before its turn and released after, so at most two layers' weights exist at a time (on a GPU
+    the next one is read and copied while this one is searched), and each
     result goes to `on_layer_done` only (the list returned is empty: kept, the results would add up to the
     whole quantized model). Either way the quantized state is in the results' tensors.
 
@@ -354,21 +356,16 @@ def quantize_layers(
     same model and settings; every rank gets the same results.
     """
     layers: Sequence[nn.Module] = model.get_submodule(spec.decoder_layers)
+    device = torch.device(device)
     results = []
-    with _tf32_on_cuda(torch.device(device)):
+    with _tf32_on_cuda(device), _LayerStager(layers, device, layer_weights) as stager:
         for index in range(start, len(layers)):
             layer = layers[index]
+            host_state = stager.take(index, prefetch_next=index + 1 < len(layers))
+            result, next_hidden = quantize_layer(layer, inputs, spec, settings, index, reducer)
             if layer_weights is not None:
-                layer_weights.load(index, layer)
-                layer.to(device)
-                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index, reducer)
                 layer_weights.release(index, layer)
             else:
-                # on the host itself, .to() is a no-op and the searches' in-place scaling would hit these tensors
-                same_device = next(layer.parameters()).device == torch.device(device)
-                host_state = {name: t.data.clone() if same_device else t.data for name, t in _tensors(layer)}
-                layer.to(device)
-                result, next_hidden = quantize_layer(layer, inputs, spec, settings, index, reducer)
                 for name, t in _tensors(layer):
                     t.data = host_state[name]
             inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs, positions=inputs.positions)
@@ -377,6 +374,72 @@ def quantize_layers(
             if on_layer_done is not None:
                 on_layer_done(result, next_hidden)
     return results
+
+
+class _LayerStager:
+    """Brings decoder layers to the compute device: on a GPU, layer i+1 is read (when streaming), staged in
+    page-locked memory and copied on a side stream by a worker thread while layer i is searched, so neither the
+    shard read nor the host-to-device copy holds up the GPU (a copy from pageable memory would block the thread
+    that issues it, and the searches' host syncs with it); on the host, in line.
+
+    `take(index)` returns the layer on the device and its host tensors by name (None when streaming, where the
+    layer is released instead): the searches scale the device copies in place, the host ones are put back."""
+
+    def __init__(self, layers: Sequence[nn.Module], device: torch.device, layer_weights: LayerWeights | None):
+        self._layers = layers
+        self._device = device
+        self._layer_weights = layer_weights
+        self._overlap = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(max_workers=1) if self._overlap else None
+        self._stream = torch.cuda.Stream(device) if self._overlap else None
+        self._pending: dict[int, Future] = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is None:
+            return
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for index, pending in self._pending.items():  # a layer brought for a run that stopped: put it back
+            if pending.cancelled() or pending.exception() is not None:
+                continue
+            host_state, _ = pending.result()
+            layer = self._layers[index]
+            if host_state is None:
+                self._layer_weights.release(index, layer)
+            else:
+                for name, t in _tensors(layer):
+                    t.data = host_state[name]
+
+    def _bring(self, index: int) -> tuple[dict[str, torch.Tensor] | None, torch.cuda.Event | None]:
+        layer = self._layers[index]
+        if self._layer_weights is not None:
+            self._layer_weights.load(index, layer)
+        host_state = None
+        if self._layer_weights is None:
+            # on the host itself, .to() is a no-op and the searches' in-place scaling would hit these tensors
+            same_device = next(layer.parameters()).device == self._device
+            host_state = {name: t.data.clone() if same_device else t.data for name, t in _tensors(layer)}
+        if self._stream is None:
+            layer.to(self._device)
+            return host_state, None
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+            for _, t in _tensors(layer):  # from page-locked copies: a truly asynchronous transfer
+                t.data = t.data.pin_memory().to(self._device, non_blocking=True)
+            return host_state, self._stream.record_event()
+
+    def take(self, index: int, prefetch_next: bool) -> dict[str, torch.Tensor] | None:
+        pending = self._pending.pop(index, None)
+        host_state, copied = pending.result() if pending is not None else self._bring(index)
+        if prefetch_next and self._pool is not None:
+            self._pending[index + 1] = self._pool.submit(self._bring, index + 1)
+        if copied is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_event(copied)
+            for _, t in _tensors(self._layers[index]):
+                t.data.record_stream(current)  # freed later: not reused by the side stream before this one is done
+        return host_state
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
