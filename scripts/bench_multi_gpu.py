@@ -18,6 +18,7 @@ Prints the markdown table for docs/benchmarks.md ("Past one GPU"); --json writes
     python scripts/bench_multi_gpu.py                      # 28 layers, 128 x 512 tokens, ranks 1 2 4 8
     python scripts/bench_multi_gpu.py --layers 4 --no-verify
     python scripts/bench_multi_gpu.py --device cpu --tiny --layers 2 --n-samples 8 --seq-len 64 --no-verify
+    python scripts/bench_multi_gpu.py --layers 4 --ranks 1 --one-rank-group --no-verify   # one GPU: NCCL path
 """
 
 from __future__ import annotations
@@ -82,10 +83,11 @@ def calibrate(rank, args: argparse.Namespace, world: int) -> dict:
             "ratios": [r.report.ratios for r in results]}
 
 
-def run_calibration(args: argparse.Namespace, world: int) -> dict:
-    """On the CPU every rank (and the 1-rank baseline) gets one thread: a check, with no oversubscription."""
+def run_calibration(args: argparse.Namespace, world: int, spawned: bool = False) -> dict:
+    """On the CPU every rank (and the 1-rank baseline) gets one thread: a check, with no oversubscription.
+    `spawned`: one rank too goes through run_ranks (a process group of one, its collectives over NCCL/gloo)."""
     cpu = args.device == "cpu"
-    if world == 1:
+    if world == 1 and not spawned:
         if cpu:
             torch.set_num_threads(1)
         return calibrate(None, args, 1)
@@ -165,11 +167,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="folder for the stand-in, the release and the verify logs")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per collective, before a rank fails")
     parser.add_argument("--json", type=Path, help="write the details here")
+    parser.add_argument("--one-rank-group", action="store_true",
+                        help="also run 1 rank as a process group of one (NCCL on a GPU): the distributed code path "
+                             "on a machine with one GPU; its choices must equal the plain run's")
     args = parser.parse_args()
 
     if args.device == "cuda":
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if visible < 2:
+        if visible < 2 and not args.one_rank_group:
             raise SystemExit(f"bench_multi_gpu.py compares 1 GPU with several: {visible} CUDA GPU(s) visible "
                              "(CUDA_VISIBLE_DEVICES=" + os.environ.get("CUDA_VISIBLE_DEVICES", "unset") +
                              "). Run it on a machine with 2 or more; --device cpu --tiny --no-verify checks the "
@@ -186,6 +191,11 @@ def main() -> None:
         row = run_calibration(args, world)
         print(f"ranks {world}: capture {row['capture_s']:.1f} s, layers {row['layers_s']:.1f} s", flush=True)
         calibration.append(row)
+        if world == 1 and args.one_rank_group:
+            row = {**run_calibration(args, 1, spawned=True), "ranks": "1 (group)"}
+            print(f"ranks 1 as a process group: capture {row['capture_s']:.1f} s, layers {row['layers_s']:.1f} s",
+                  flush=True)
+            calibration.append(row)
     verify = [] if args.no_verify else run_verify(args, max(ranks), [t for t in args.tp if t <= visible])
     print(table(calibration, verify, args, device_name))
     if args.json:
