@@ -117,9 +117,10 @@ def quantize_command(
     seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
     group_size: Annotated[int, typer.Option(help="Weights per quantization group (input channels).")] = 128,
     no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip the clip search (faster, less accurate).")] = False,
-    method: Annotated[str, typer.Option(
-        help="awq (AWQ searches, then round to nearest, as AutoAWQ) or awq-gptq (the same searches, then "
-        "error-compensated GPTQ rounding on the same groups; same release format).")] = "awq",
+    method: Annotated[str | None, typer.Option(
+        help="awq-gptq (AWQ searches, then error-compensated GPTQ rounding on the same groups; default with the "
+        "native backend) or awq (the same searches, then round to nearest, as AutoAWQ; default and only "
+        "choice with --backend autoawq). Same release format.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto (GPU when visible), cuda, cuda:N or cpu.")] = "auto",
     backend: Annotated[str, typer.Option(
         help="native (quantkit's engine; reads one decoder layer at a time) or autoawq (upstream AutoAWQ 0.2.9 "
@@ -154,7 +155,8 @@ def quantize_command(
     config = api.QuantizeConfig(
         calib=calib, calib_revision=calib_revision, calib_split=calib_split, text_field=text_field,
         n_samples=n_samples, seq_len=seq_len, seed=seed,
-        settings=api.QuantSettings(group_size=group_size, clip=not no_clip, method=method),
+        settings=api.QuantSettings(group_size=group_size, clip=not no_clip,
+                                   method=method or ("awq" if backend == "autoawq" else api.QuantSettings.method)),
         device=device, backend=backend, max_shard_bytes=int(shard_size_gb * 2**30), ranks=max(gpus, cpu_ranks))
     with _layer_progress() as layer_done:
         result = api.quantize(source, out, config, force=force, on_layer_done=layer_done)

@@ -58,7 +58,8 @@ class QuantizeConfig:
     seq_len: int = 512
     seed: int = 0
     """Seed of the calibration sampling."""
-    settings: QuantSettings = field(default_factory=QuantSettings)
+    settings: QuantSettings = None  # type: ignore[assignment]
+    """None: QuantSettings' defaults (method awq-gptq), with method awq on the autoawq backend (all it runs)."""
     device: str = "auto"
     backend: str = "native"
     """native (quantkit's engine) or autoawq (upstream AutoAWQ 0.2.9 from the same arch spec, the reference; it
@@ -75,6 +76,9 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InputError(f"backend {self.backend!r}: use {' or '.join(map(repr, BACKENDS))}.")
+        if self.settings is None:
+            object.__setattr__(self, "settings", QuantSettings(method="awq") if self.backend == "autoawq"
+                               else QuantSettings())
         if self.ranks < 1:
             raise InputError(f"ranks={self.ranks}: use 1 (one process) or more.")
         if self.ranks > 1 and self.backend != "native":

@@ -165,7 +165,10 @@ class Recipe(_Section):
     upload: UploadSection | None = None
 
     def settings(self) -> QuantSettings:
-        return QuantSettings(**self.quantization.model_dump(exclude={"backend", "device"}))
+        values = self.quantization.model_dump(exclude={"backend", "device"})
+        if self.quantization.backend == "autoawq" and "method" not in self.quantization.model_fields_set:
+            values["method"] = "awq"  # the only method AutoAWQ runs
+        return QuantSettings(**values)
 
     def thresholds(self) -> ParityThresholds:
         return ParityThresholds(**self.verify.thresholds.model_dump())

@@ -137,7 +137,8 @@ def main() -> None:
                for b in blocks]
     fp32_ppl, _ = perplexity_and_kl(model, blocks, ref)
     print(f"fp32 perplexity {fp32_ppl:.3f}", flush=True)
-    base = QuantSettings(group_size=args.group_size, **dict(parse_setting(item) for item in args.set))
+    base = QuantSettings(**{"method": "awq", "group_size": args.group_size,  # variants name their method
+                            **dict(parse_setting(item) for item in args.set)})
     runs = []
     for variant in args.variants:
         for n in args.sizes:

@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = smollm2_checkpoint()
-    settings = QuantSettings(group_size=args.group_size)
+    settings = QuantSettings(group_size=args.group_size, method="awq")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     calib = f"{args.calib_samples} x {args.seq_len} pydoc"
     methods = [

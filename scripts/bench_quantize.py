@@ -160,12 +160,12 @@ def output_errors(model, results, held: HeldOut, device: str) -> dict:
 
 
 METHODS = {
-    "awq": {},
-    "awq-no-screen": {"scale_screen_tokens": None},
-    "awq-screen4096": {"scale_screen_tokens": 4096},
-    "awq-finalists2": {"scale_finalists": 2},
-    "awq-screen4096-finalists2": {"scale_screen_tokens": 4096, "scale_finalists": 2},
-    "awq-screen16384-finalists4": {"scale_screen_tokens": 16384, "scale_finalists": 4},
+    "awq": {"method": "awq"},
+    "awq-no-screen": {"method": "awq", "scale_screen_tokens": None},
+    "awq-screen4096": {"method": "awq", "scale_screen_tokens": 4096},
+    "awq-finalists2": {"method": "awq", "scale_finalists": 2},
+    "awq-screen4096-finalists2": {"method": "awq", "scale_screen_tokens": 4096, "scale_finalists": 2},
+    "awq-screen16384-finalists4": {"method": "awq", "scale_screen_tokens": 16384, "scale_finalists": 4},
     "awq-gptq": {"method": "awq-gptq"},
     "awq-gptq-input-order": {"method": "awq-gptq", "gptq_act_order": False},
 }
@@ -236,9 +236,9 @@ def compare_screening(args, model, held: HeldOut, device: str) -> dict:
         host = {name: p.data for name, p in layer.named_parameters()}
         layer.to(device)
         original = {k: v.clone() for k, v in layer.state_dict().items()}
-        full, next_hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=None), index)
+        full, next_hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq", scale_screen_tokens=None), index)
         layer.load_state_dict(original)
-        screened, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index)
+        screened, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq"), index)
         for name, p in layer.named_parameters():
             p.data = host[name]
         inputs = LayerInputs(hidden=next_hidden, kwargs=inputs.kwargs)
@@ -267,7 +267,7 @@ def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    results = quantize_with_autoawq(model, QWEN2, QuantSettings(), blocks=held.ids)
+    results = quantize_with_autoawq(model, QWEN2, QuantSettings(method="awq"), blocks=held.ids)
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
     peak = peak_gpu_gib(results, device)

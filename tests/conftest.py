@@ -183,7 +183,7 @@ def rtn_release(standin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from quantkit.io.release import write_release
 
     spec = spec_for_config(json.loads((standin_dir / "config.json").read_text()))
-    settings = QuantSettings()
+    settings = QuantSettings(method="awq")  # round to nearest: no GPTQ in an RTN release
     return write_release(standin_dir, tmp_path_factory.mktemp("release") / "minicpmv26-tiny-rtn",
                          rtn_layer_tensors(standin_dir, spec, settings), spec, settings,
                          max_shard_bytes=64 * 2**20, manifest_extra={"quantization": {"backend": "rtn"}})
@@ -229,7 +229,7 @@ def smollm2_rtn_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from quantkit.awq.settings import QuantSettings
     from quantkit.io.release import write_release
 
-    settings = QuantSettings(group_size=SMOLLM2_GROUP_SIZE)
+    settings = QuantSettings(group_size=SMOLLM2_GROUP_SIZE, method="awq")
     return write_release(smollm2_dir, tmp_path_factory.mktemp("smollm2") / "smollm2-rtn-g64",
                          rtn_layer_tensors(smollm2_dir, LLAMA, settings), LLAMA, settings,
                          manifest_extra={"quantization": {"backend": "rtn"}})
@@ -242,7 +242,8 @@ def smollm2_awq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from quantkit.api import QuantSettings, quantize
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-g64"
-    quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE), device="cpu", **SMOLLM2_CALIB)
+    quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE, method="awq"), device="cpu",
+             **SMOLLM2_CALIB)
     return out
 
 

@@ -298,7 +298,8 @@ def check_settings(settings: QuantSettings) -> None:
     and `scale_finalists` say (the native engine's shortcut, not a different search target)."""
     if settings.method != "awq":
         raise InputError(f"--backend autoawq rounds to nearest (method awq); method {settings.method!r} needs the "
-                         "native backend.")
+                         "native backend. Set method awq (--method awq, `method: awq` in a recipe, "
+                         "QuantSettings(method='awq')) or use --backend native.")
     defaults = QuantSettings()
     searched = ("scale_grid", "clip_grid", "clip_max_shrink")
     changed = [name for name in searched if getattr(settings, name) != getattr(defaults, name)]

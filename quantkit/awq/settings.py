@@ -13,11 +13,13 @@ METHODS: tuple[str, ...] = get_args(Method)
 
 @dataclass(frozen=True)
 class QuantSettings:
-    """AWQ int4 settings (defaults = AutoAWQ's: w4, group 128, zero point, GEMM, 20-point grids)."""
+    """AWQ int4 settings (AutoAWQ's w4, group 128, zero point, GEMM, 20-point grids; GPTQ rounding on top)."""
 
-    method: Method = "awq"
-    """awq: round to nearest after the searches (AutoAWQ). awq-gptq: the same searches, then error-compensated
-    rounding on the same group grid (quantkit/awq/gptq.py); same release format."""
+    method: Method = "awq-gptq"
+    """awq-gptq: the AWQ searches, then error-compensated rounding on the same group grid (quantkit/awq/gptq.py);
+    the default: 79-81 % of round-to-nearest's perplexity gap closed on SmolLM2 against awq's 60-63 %, at 1.16x
+    awq's time on the H200 (docs/benchmarks.md, "Default method"). awq: round to nearest after the searches, as
+    AutoAWQ (what --backend autoawq runs); same release format."""
     gptq_damp: float = 0.1
     """awq-gptq: dampening added to the Gram matrix's diagonal, as a fraction of its mean diagonal (0.1: the
     best of 0.001-0.3 on SmolLM2-135M, docs/benchmarks.md)."""

@@ -44,7 +44,7 @@ from quantkit.quantize import calibration_forwards
 
 N_BLOCKS, SEQ_LEN = 4, 64
 # AutoAWQ feeds 16-bit inputs and scores clips on 512 strided tokens (here: all 256 calibration tokens either way)
-SETTINGS = QuantSettings(inputs_from_quantized=False, clip_tokens=512)
+SETTINGS = QuantSettings(method="awq", inputs_from_quantized=False, clip_tokens=512)
 # Where the two searches pick differently, the native pick's loss may exceed AutoAWQ's pick's by at most this.
 LOSS_SLACK = 1.01
 # Integer weights of linears whose choices agree: AutoAWQ rounds w / s in fp16 (its `_apply_quant` casts to
@@ -122,7 +122,7 @@ def _compare(folder: Path) -> Comparison:
 
     default_inputs = capture_layer_inputs(
         default, spec, calibration_forwards(default, spec, folder, calib, SETTINGS, cpu, torch.float32), cpu)
-    native_default = quantize_layers(default, spec, QuantSettings(), default_inputs, cpu)
+    native_default = quantize_layers(default, spec, QuantSettings(method="awq"), default_inputs, cpu)
 
     if spec.language_model:  # MiniCPM-V: AutoAWQ cannot capture through MiniCPMV.forward(data=...)
         forwards = calibration_forwards(reference, spec, folder, calib, SETTINGS, cpu, torch.float32)
@@ -321,7 +321,7 @@ def test_autoawq_backend_refuses_what_it_cannot_do(standin_dir: Path, tmp_path: 
 
     with pytest.raises(InputError, match="scale_grid"):
         quantize(standin_dir, tmp_path / "out", backend="autoawq", n_samples=2, seq_len=64, device="cpu",
-                 settings=QuantSettings(scale_grid=10))
+                 settings=QuantSettings(method="awq", scale_grid=10))
     with pytest.raises(InputError, match="backend 'gptq'"):
         quantize(standin_dir, tmp_path / "out", backend="gptq", device="cpu")
 

@@ -69,11 +69,11 @@ def test_clip_search_is_no_worse_with_more_calibration_blocks(smollm2_dir: Path)
         q = fake_quantize(apply_clip(weight, bound, GROUP), 4, GROUP)
         return ((x @ (q - weight).t()).pow(2).sum() / rtn).item()
 
-    every_token = QuantSettings(group_size=GROUP)
+    every_token = QuantSettings(method="awq", group_size=GROUP)
     assert every_token.clip_tokens is None  # the engine's default
     err8, err64 = held_out_error(8, every_token), held_out_error(64, every_token)
     assert err64 <= err8, f"64 blocks {err64:.4f} vs 8 blocks {err8:.4f} (every token)"
 
-    strided = QuantSettings(group_size=GROUP, clip_tokens=512)
+    strided = QuantSettings(method="awq", group_size=GROUP, clip_tokens=512)
     old8, old64 = held_out_error(8, strided), held_out_error(64, strided)
     assert old64 > old8 * OLD_REGRESSION, f"AutoAWQ's sample: 64 blocks {old64:.4f} vs 8 blocks {old8:.4f}"

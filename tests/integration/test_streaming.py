@@ -33,7 +33,7 @@ import transformers.models.qwen2.modeling_qwen2  # what quantize imports lazily 
 
 imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 quantize(sys.argv[1], sys.argv[2], calib="builtin:pydoc", n_samples=2, seq_len=32, device="cpu",
-         settings=QuantSettings(scale_grid=2, clip=False), max_shard_bytes=2**27)
+         settings=QuantSettings(method="awq", scale_grid=2, clip=False), max_shard_bytes=2**27)
 print(json.dumps({"imported": imported * 1024, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 

@@ -34,7 +34,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float
 
 
 def test_scale_search_beats_round_to_nearest_on_a_linear():
-    settings = QuantSettings()
+    settings = QuantSettings(method="awq")
     x = outlier_inputs(1024, 256, seed=0)
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
     choice = search_scales_linear(w, [x], channel_mean_abs([x]), settings)
@@ -51,7 +51,7 @@ def test_scale_search_beats_round_to_nearest_on_a_linear():
 
 
 def test_clip_search_never_worse_than_no_clip():
-    settings = QuantSettings()
+    settings = QuantSettings(method="awq")
     x = outlier_inputs(512, 256, seed=3)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
     w[0, 5] = 12.0  # one outlier weight: clipping it should help its group
@@ -100,7 +100,7 @@ def test_decoder_layer_awq_beats_round_to_nearest(tiny_qwen2):
     layer.load_state_dict(original)
     rtn_err = sum((r - f).pow(2).sum() for r, f in zip(rtn, reference)) / sum(f.pow(2).sum() for f in reference)
 
-    result, next_hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index=0)
+    result, next_hidden = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq"), index=0)
     layer.load_state_dict(original)
     awq_err = sum((q - f).pow(2).sum() for q, f in zip(next_hidden, reference)) / sum(
         f.pow(2).sum() for f in reference)
@@ -136,7 +136,7 @@ def test_quantize_layers_leaves_the_model_unchanged(tiny_qwen2):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(7))
     inputs = capture_layer_inputs(model, QWEN2, [lambda: model(input_ids=ids)], "cpu")
-    results = quantize_layers(model, QWEN2, QuantSettings(), inputs, "cpu")
+    results = quantize_layers(model, QWEN2, QuantSettings(method="awq"), inputs, "cpu")
     assert len(results) == 2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -150,7 +150,7 @@ def test_engine_packs_what_it_computes_with_on_the_awq_grid(tiny_qwen2):
     inputs = capture_layer_inputs(model, QWEN2, [lambda c=c: model(input_ids=c) for c in ids.split(4)], "cpu")
     layer = model.model.layers[0]
     original = {k: v.clone() for k, v in layer.state_dict().items()}
-    awq, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(), index=0)
+    awq, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq"), index=0)
     layer.load_state_dict(original)
     gptq, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq-gptq"), index=0)
     fake_quantized = {name: layer.get_submodule(name).weight.detach().clone() for name in QWEN2.linears}
@@ -197,7 +197,7 @@ def test_screened_scale_search_keeps_the_full_search_choices_with_fewer_block_ru
         runs = {}
         for screen in (None, 256):
             mlp_rows.clear()
-            result, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=screen), index=0)
+            result, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq", scale_screen_tokens=screen), index=0)
             layer.load_state_dict(original)
             runs[screen] = (result.report, list(mlp_rows))
     finally:
@@ -211,7 +211,7 @@ def test_screened_scale_search_keeps_the_full_search_choices_with_fewer_block_ru
 
 
 def test_gram_or_token_runs_for_a_single_linear_by_flops():
-    settings = QuantSettings()
+    settings = QuantSettings(method="awq")
     assert not gram_scoring_is_cheaper(128 * 512, (3584, 18944), settings)  # MiniCPM-V 2.6's down_proj
     assert gram_scoring_is_cheaper(8 * 512, (576, 1536), settings)  # SmolLM2-135M's, 8 blocks
     assert gram_scoring_is_cheaper(128 * 512, (3584, 3584), settings)  # an o_proj fed by v_proj
@@ -226,11 +226,11 @@ def test_single_linear_scored_by_token_runs_matches_its_gram_matrix(tiny_qwen2, 
     down_rows: list[int] = []
     handle = layer.mlp.down_proj.register_forward_hook(lambda m, a, o: down_rows.append(a[0].shape[0]))
     try:
-        gram_route, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=None), index=0)
+        gram_route, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq", scale_screen_tokens=None), index=0)
         layer.load_state_dict(original)
         gram_runs = len(down_rows)
         monkeypatch.setattr(engine, "gram_scoring_is_cheaper", lambda *args: False)
-        token_route, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(scale_screen_tokens=None), index=0)
+        token_route, _ = quantize_layer(layer, inputs, QWEN2, QuantSettings(method="awq", scale_screen_tokens=None), index=0)
         layer.load_state_dict(original)
     finally:
         handle.remove()

@@ -116,6 +116,26 @@ def test_quantization_method_and_its_settings(tmp_path: Path):
     assert "gptq_damp=0" in refusal(path)
 
 
+@pytest.mark.parametrize("quantization, method", [
+    ("", "awq-gptq"),  # the default
+    ("quantization:\n  backend: autoawq\n", "awq"),  # the only method AutoAWQ runs
+    ("quantization:\n  backend: native\n  method: awq\n", "awq"),
+])
+def test_default_method_follows_the_backend(tmp_path: Path, quantization: str, method: str):
+    assert load_recipe(write(tmp_path, BASE + quantization)).recipe.settings().method == method
+
+
+def test_api_config_default_method_follows_the_backend():
+    from quantkit.api import QuantizeConfig, QuantSettings
+    from quantkit.awq.autoawq_backend import check_settings
+
+    assert QuantizeConfig().settings.method == "awq-gptq"
+    assert QuantizeConfig(backend="autoawq").settings.method == "awq"
+    assert QuantizeConfig(backend="autoawq", settings=QuantSettings(group_size=64)).settings.method == "awq-gptq"
+    with pytest.raises(InputError, match="Set method awq"):
+        check_settings(QuantSettings())
+
+
 def test_duplicate_keys_are_refused(tmp_path: Path):
     path = write(tmp_path, BASE + "calibration:\n  seed: 1\n")
     assert re.search(r"recipe.yaml:12: key 'calibration' appears twice \(first on line 4\)", refusal(path))
