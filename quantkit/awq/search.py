@@ -47,7 +47,7 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, d
 
 def scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
     """Q(W * s) / s: the effective weight once the input is divided by s and W's columns multiplied by s."""
-    if kernels.available(weight):
+    if kernels.available(weight, settings.group_size):
         return kernels.scaled_fake_quant(weight, scales, settings.bits, settings.group_size)
     s = scales.to(weight.dtype)
     return fake_quantize(weight * s, settings.bits, settings.group_size) / s
@@ -289,7 +289,7 @@ def search_clip(
     if grams is None:
         grams = clip_grams(batches, settings, reducer, layout)
     factors = [1 - step / settings.clip_grid for step in range(int(settings.clip_max_shrink * settings.clip_grid))]
-    if kernels.available(weight):
+    if kernels.available(weight, settings.group_size):
         best_max, best_err = kernels.clip_search(weight, grams, factors, settings.bits, settings.group_size)
         return best_max, best_err.mean().item()
     out_features, in_features = weight.shape

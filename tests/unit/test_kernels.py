@@ -68,3 +68,11 @@ def test_gptq_column_loop_rounds_as_the_torch_loop(block_size: int, monkeypatch)
     assert (fused.q != expected.q).float().mean() < 0.002
     assert (fused.q - expected.q).abs().max() <= 1
     assert torch.equal(fused.scales, grid.scales) and torch.equal(fused.zeros, grid.zeros)
+
+
+def test_a_group_that_is_not_one_tile_takes_the_torch_code():
+    w = weights(80, 384, torch.float32, seed=5)
+    assert kernels.available(w, 128) and not kernels.available(w, 96) and not kernels.available(w, 8)
+    scales = torch.rand(384, generator=torch.Generator().manual_seed(6)).add_(0.5).to(DEVICE)
+    settings = QuantSettings(group_size=96)
+    assert torch.equal(search.scaled_fake_quant(w, scales, settings), fake_quantize(w * scales, 4, 96) / scales)
