@@ -426,7 +426,8 @@ class _LayerStager:
             return host_state, None
         with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             for _, t in _tensors(layer):  # from page-locked copies: a truly asynchronous transfer
-                t.data = t.data.pin_memory().to(self._device, non_blocking=True)
+                source = t.data.pin_memory() if t.data.device.type == "cpu" else t.data
+                t.data = source.to(self._device, non_blocking=True)
             return host_state, self._stream.record_event()
 
     def take(self, index: int, prefetch_next: bool) -> dict[str, torch.Tensor] | None:
