@@ -35,7 +35,7 @@ from quantkit.awq.engine import (
     to_device,
 )
 from quantkit.awq.reduce import strided_positions
-from quantkit.awq.settings import QuantSettings
+from quantkit.awq.settings import QuantSettings, default_method
 from quantkit.calib import BUILTIN_PYDOC, CalibrationSet, load_calibration, micro_batches
 from quantkit.errors import DependencyError, InputError
 from quantkit.io.checkpoint import LayerCheckpoints
@@ -77,8 +77,7 @@ class QuantizeConfig:
         if self.backend not in BACKENDS:
             raise InputError(f"backend {self.backend!r}: use {' or '.join(map(repr, BACKENDS))}.")
         if self.settings is None:
-            object.__setattr__(self, "settings", QuantSettings(method="awq") if self.backend == "autoawq"
-                               else QuantSettings())
+            object.__setattr__(self, "settings", QuantSettings(method=default_method(self.backend)))
         if self.ranks < 1:
             raise InputError(f"ranks={self.ranks}: use 1 (one process) or more.")
         if self.ranks > 1 and self.backend != "native":

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
-from quantkit.awq.settings import QuantSettings
+from quantkit.awq.settings import QuantSettings, default_method
 from quantkit.calib import BUILTIN_PYDOC, TABLE_SUFFIXES, TEXT_SUFFIXES
 from quantkit.errors import InputError
 from quantkit.io.chores import read_json, write_text_atomically
@@ -166,8 +166,8 @@ class Recipe(_Section):
 
     def settings(self) -> QuantSettings:
         values = self.quantization.model_dump(exclude={"backend", "device"})
-        if self.quantization.backend == "autoawq" and "method" not in self.quantization.model_fields_set:
-            values["method"] = "awq"  # the only method AutoAWQ runs
+        if "method" not in self.quantization.model_fields_set:
+            values["method"] = default_method(self.quantization.backend)
         return QuantSettings(**values)
 
     def thresholds(self) -> ParityThresholds:

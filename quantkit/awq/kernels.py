@@ -29,13 +29,13 @@ except ImportError:  # CPU builds of torch ship without Triton
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(tensor: torch.Tensor, group_size: int = 128) -> bool:
-    """Whether the fused kernels run for `tensor` and `group_size`: CUDA and Triton (or Triton's CPU
-    interpreter), unless QUANTKIT_TRITON=0 asks for the torch code; a group is one tile, so its size must be a
-    power of two of at least 16 (tl.arange, tl.dot)."""
-    return (triton is not None and (tensor.is_cuda or _INTERPRETED)
-            and os.environ.get("QUANTKIT_TRITON", "1") != "0"
-            and group_size >= 16 and group_size & (group_size - 1) == 0)
+def available(tensor: torch.Tensor, group_size: int | None = None) -> bool:
+    """Whether the fused kernels run for `tensor`: CUDA and Triton (or Triton's CPU interpreter), unless
+    QUANTKIT_TRITON=0 asks for the torch code. The grouped kernels take a group as one tile, so a `group_size`
+    must be a power of two of at least 16 (tl.arange, tl.dot)."""
+    fits = group_size is None or (group_size >= 16 and group_size & (group_size - 1) == 0)
+    return (fits and triton is not None and (tensor.is_cuda or _INTERPRETED)
+            and os.environ.get("QUANTKIT_TRITON", "1") != "0")
 
 
 if triton is not None:

@@ -91,3 +91,8 @@ class QuantSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def default_method(backend: str) -> Method:
+    """The method a backend runs when none is asked for: AutoAWQ only rounds to nearest."""
+    return "awq" if backend == "autoawq" else QuantSettings.method
