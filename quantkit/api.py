@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _HOMES = {
     "QuantSettings": "quantkit.awq.settings",
+    "default_method": "quantkit.awq.settings",
     "EvalReport": "quantkit.evaluate",
     "evaluate": "quantkit.evaluate",
     "DownloadResult": "quantkit.hub",
@@ -54,6 +55,7 @@ __all__ = [
     "StaticReport",
     "UploadResult",
     "VerifyReport",
+    "default_method",
     "download",
     "evaluate",
     "floors_note",
@@ -73,7 +75,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from quantkit.awq.settings import QuantSettings
+    from quantkit.awq.settings import QuantSettings, default_method
     from quantkit.evaluate import EvalReport, evaluate
     from quantkit.hub import DownloadResult, download
     from quantkit.io.release import write_release

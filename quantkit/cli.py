@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 
 from quantkit import api
-from quantkit.awq.settings import default_method
 from quantkit.errors import InputError, QuantkitError
 
 app = typer.Typer(
@@ -157,7 +156,7 @@ def quantize_command(
         calib=calib, calib_revision=calib_revision, calib_split=calib_split, text_field=text_field,
         n_samples=n_samples, seq_len=seq_len, seed=seed,
         settings=api.QuantSettings(group_size=group_size, clip=not no_clip,
-                                   method=method or default_method(backend)),
+                                   method=method or api.default_method(backend)),
         device=device, backend=backend, max_shard_bytes=int(shard_size_gb * 2**30), ranks=max(gpus, cpu_ranks))
     with _layer_progress() as layer_done:
         result = api.quantize(source, out, config, force=force, on_layer_done=layer_done)
