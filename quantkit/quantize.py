@@ -58,7 +58,7 @@ class QuantizeConfig:
     seq_len: int = 512
     seed: int = 0
     """Seed of the calibration sampling."""
-    settings: QuantSettings = None  # type: ignore[assignment]
+    settings: QuantSettings | None = None
     """None: QuantSettings' defaults (method awq-gptq), with method awq on the autoawq backend (all it runs)."""
     device: str = "auto"
     backend: str = "native"
