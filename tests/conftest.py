@@ -236,26 +236,26 @@ def smollm2_rtn_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
-def smollm2_awq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 quantized by the native AWQ engine (g64, pydoc calibration) on the CPU, once per session
-    (minutes on 2 cores). Shared with the vLLM parity tests: treat as read-only."""
-    from quantkit.api import QuantSettings, quantize
-
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-g64"
-    quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE, method="awq"), device="cpu",
-             **SMOLLM2_CALIB)
-    return out
-
-
-@pytest.fixture(scope="session")
 def smollm2_awq_gptq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 by the native engine with method awq-gptq (same searches and calibration as smollm2_awq_dir, then
-    GPTQ rounding), once per session (minutes on 2 cores). Shared: treat as read-only."""
+    """SmolLM2 quantized by the native engine with the default method, awq-gptq (g64, pydoc calibration), on the
+    CPU, once per session (minutes on 2 cores). Shared with the vLLM parity tests: treat as read-only."""
     from quantkit.api import QuantSettings, quantize
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-gptq-g64"
     quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE, method="awq-gptq"),
              device="cpu", **SMOLLM2_CALIB)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_awq_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 by the native engine with method awq (the same searches and calibration, round to nearest, as
+    AutoAWQ), once per session; only the opt-in `-m quality` tests use it. Shared: treat as read-only."""
+    from quantkit.api import QuantSettings, quantize
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-awq-g64"
+    quantize(smollm2_dir, out, settings=QuantSettings(group_size=SMOLLM2_GROUP_SIZE, method="awq"), device="cpu",
+             **SMOLLM2_CALIB)
     return out
 
 

@@ -17,12 +17,14 @@ class QuantSettings:
 
     method: Method = "awq-gptq"
     """awq-gptq: the AWQ searches, then error-compensated rounding on the same group grid (quantkit/awq/gptq.py);
-    the default: 79-81 % of round-to-nearest's perplexity gap closed on SmolLM2 against awq's 60-63 %, at 1.16x
-    awq's time on the H200 (docs/benchmarks.md, "Default method"). awq: round to nearest after the searches, as
-    AutoAWQ (what --backend autoawq runs); same release format."""
-    gptq_damp: float = 0.1
-    """awq-gptq: dampening added to the Gram matrix's diagonal, as a fraction of its mean diagonal (0.1: the
-    best of 0.001-0.3 on SmolLM2-135M, docs/benchmarks.md)."""
+    the default: on SmolLM2 75-81 % of round-to-nearest's perplexity gap closed against awq's 56-64 %, and a lower
+    KL on chat prompts outside the calibration text, at 1.16x awq's time (docs/benchmarks.md, "Default method").
+    awq: round to nearest after the searches, as AutoAWQ (what --backend autoawq runs); same release format."""
+    gptq_damp: float = 1.0
+    """awq-gptq: dampening added to the Gram matrix's diagonal, as a fraction of its mean diagonal. Larger values
+    trust the calibration text less: on SmolLM2-135M (8 x 512 pydoc blocks) 0.01-1.0 give the same perplexity on
+    held-out pydoc, but on chat prompts 0.1 is worse than plain awq and 1.0 the best measured (docs/benchmarks.md,
+    "Dampening and text outside the calibration set")."""
     gptq_block_size: int = 128
     """awq-gptq: columns per lazy batch update (only how updates are batched, not what is chosen)."""
     gptq_act_order: bool = True

