@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quantkit.evaluate import load_weights
+from quantkit.evaluate import load_for_eval
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "tests" / "integration" / "smollm2_prompts.jsonl"
 
@@ -42,8 +41,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.reference)
-    reference = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).eval()
+    cpu = torch.device("cpu")
+    loaded = load_for_eval(args.reference, torch.float32, cpu)
+    tokenizer, reference = loaded.tokenizer, loaded.lm
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     with torch.no_grad():
         sequences = answers(reference, tokenizer, prompts, args.max_tokens)
@@ -51,13 +51,7 @@ def main() -> None:
 
     results = {}
     for release in args.releases:
-        model = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).eval()
-        missing, unexpected = model.load_state_dict(load_weights(release, torch.float32, dequantize=True),
-                                                    strict=False)
-        missing = [name for name in missing if name != "lm_head.weight"]  # tied to the embeddings
-        if missing or unexpected:
-            raise SystemExit(f"{release} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        model.tie_weights()
+        model = load_for_eval(release, torch.float32, cpu).lm  # int4 weights dequantized
         rows = {}
         with torch.no_grad():
             for prompt, (length, ids), ref in zip(prompts, sequences, reference_logits, strict=True):
