@@ -30,7 +30,8 @@ from quantkit.awq.engine import (
     LayerReport,
     LayerResult,
     capture_layer_inputs,
-    move_outside_layers,
+    compile_kernels_ahead,
+    outside_layers_on,
     quantize_layers,
     to_device,
 )
@@ -321,6 +322,7 @@ def _native_layers(job: _Job) -> Iterator[QuantizedLayers]:
     fails. Decoder layers are read from the source shards when their turn comes and dropped after, so host
     memory holds the non-decoder parts and about one layer."""
     spec, dev, timings, rank = job.spec, job.device, job.timings, job.rank
+    compile_kernels_ahead(dev, job.dtype, job.config.settings)  # while the model loads
     if rank is not None and rank.rank != 0:
         yield from _native_rank_layers(job)
         return
@@ -377,21 +379,21 @@ def _capture_share(model: torch.nn.Module, job: _Job) -> LayerInputs:
     ranks-th (text micro-batches sized by rank_batch_tokens), with their global positions."""
     spec, dev, rank = job.spec, job.device, job.rank
     world = rank.world_size if rank is not None else 1
-    move_outside_layers(model, spec, dev)
-    forwards = calibration_forwards(model, spec, job.source, job.calibration, job.config.settings, dev, job.dtype,
-                                    max_batch_tokens=rank_batch_tokens(job.calibration, job.config.settings, world))
-    positions = None
-    if rank is not None:
-        if len(forwards) < world:
-            raise InputError(f"{world} ranks but only {len(forwards)} calibration forwards "
-                             f"({job.calibration.blocks.shape[0]} text blocks, {len(job.calibration.multimodal)} "
-                             "image samples): every rank needs at least one; use more --n-samples or fewer ranks.")
-        positions = strided_positions(len(forwards), rank.rank, world)
-        forwards = [forwards[i] for i in positions]
-    inputs = capture_layer_inputs(model, spec, forwards, dev)
-    inputs.positions = positions
-    del forwards  # they hold the model, which is dropped before the release is written
-    move_outside_layers(model, spec, "cpu")
+    with outside_layers_on(model, spec, dev):
+        forwards = calibration_forwards(model, spec, job.source, job.calibration, job.config.settings, dev,
+                                        job.dtype,
+                                        max_batch_tokens=rank_batch_tokens(job.calibration, job.config.settings, world))
+        positions = None
+        if rank is not None:
+            if len(forwards) < world:
+                raise InputError(f"{world} ranks but only {len(forwards)} calibration forwards "
+                                 f"({job.calibration.blocks.shape[0]} text blocks, {len(job.calibration.multimodal)} "
+                                 "image samples): every rank needs at least one; use more --n-samples or fewer ranks.")
+            positions = strided_positions(len(forwards), rank.rank, world)
+            forwards = [forwards[i] for i in positions]
+        inputs = capture_layer_inputs(model, spec, forwards, dev)
+        inputs.positions = positions
+        del forwards  # they hold the model, which is dropped before the release is written
     return inputs
 
 

@@ -29,7 +29,14 @@ from pathlib import Path
 import torch
 
 from quantkit.archs import MINICPMV26_LLM_SHAPES, QWEN2
-from quantkit.awq.engine import LayerInputs, capture_layer_inputs, move_outside_layers, quantize_layers
+from quantkit.awq import engine
+from quantkit.awq.engine import (
+    LayerInputs,
+    capture_layer_inputs,
+    compile_kernels_ahead,
+    outside_layers_on,
+    quantize_layers,
+)
 from quantkit.awq.quant import dequantize_gemm, fake_quantize
 from quantkit.awq.settings import QuantSettings
 
@@ -39,16 +46,15 @@ TINY_SHAPES = {"hidden_size": 256, "intermediate_size": 512, "num_attention_head
 
 
 def build_llm(layers: int, device: str, dtype: torch.dtype, seed: int, shapes: dict):
-    """Qwen2ForCausalLM with `shapes` (MiniCPM-V 2.6's LLM), random weights, decoder layers left on the CPU."""
+    """Qwen2ForCausalLM with `shapes` (MiniCPM-V 2.6's LLM), random weights (initialised on `device`), all left
+    on the CPU as `quantkit quantize` loads them."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**{**shapes, "num_hidden_layers": layers})
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
-    for layer in model.model.layers:
-        layer.to("cpu")
-    return model
+    return model.to("cpu")
 
 
 def search_flops(hidden: int, intermediate: int, kv_dim: int, tokens: int, seq_len: int, grid: int) -> float:
@@ -142,8 +148,9 @@ def prepare(args, model, device: str) -> HeldOut:
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len), generator=gen)
     held_out = torch.randint(0, model.config.vocab_size, (8, args.seq_len), generator=gen)
-    move_outside_layers(model, QWEN2, device)
-    held = capture_layer_inputs(model, QWEN2, [lambda: model(input_ids=held_out.to(device), use_cache=False)], device)
+    with outside_layers_on(model, QWEN2, device):
+        held = capture_layer_inputs(model, QWEN2, [lambda: model(input_ids=held_out.to(device), use_cache=False)],
+                                    device)
     reference = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
     rtn = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device, round_to_nearest=True)]
     return HeldOut(ids, held.hidden, held.kwargs, reference, rtn)
@@ -153,7 +160,6 @@ def output_errors(model, results, held: HeldOut, device: str) -> dict:
     """Relative MSE of the int4 layers' outputs (and of round-to-nearest's) vs the 16-bit ones."""
     for result, layer in zip(results, model.model.layers):
         load_quantized_state(layer, result.tensors)
-    move_outside_layers(model, QWEN2, device)
     quantized = [h.cpu() for h in run_layers(model, held.hidden, held.kwargs, device)]
     return {"output_rel_mse": relative_mse(quantized, held.reference),
             "rtn_output_rel_mse": relative_mse(held.rtn, held.reference)}
@@ -181,32 +187,70 @@ def bench_native(args, model, held: HeldOut, device: str, method: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     rows = max(1, settings.max_batch_tokens // args.seq_len)
-    inputs = capture_layer_inputs(
-        model, QWEN2, [lambda c=c: model(input_ids=c.to(device), use_cache=False) for c in ids.split(rows)], device
-    )
-    move_outside_layers(model, QWEN2, "cpu")
-    inputs = LayerInputs(hidden=inputs.hidden, kwargs=inputs.kwargs)
+    with outside_layers_on(model, QWEN2, device):
+        inputs = capture_layer_inputs(
+            model, QWEN2, [lambda c=c: model(input_ids=c.to(device), use_cache=False) for c in ids.split(rows)],
+            device)
+    sync(device)
+    captured = time.perf_counter()
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            results = quantize_layers(model, QWEN2, settings, inputs, device)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+        profile_layers(model, settings, inputs, device)
+        results = []
     else:
         results = quantize_layers(model, QWEN2, settings, inputs, device)
     sync(device)
     wall = time.perf_counter() - started
+    if not results:
+        return {"backend": f"native {method} (profiled)", "wall_s": wall}
     peak = peak_gpu_gib(results, device)
     return {
         "backend": f"native {method}",
         "wall_s": wall,
+        "capture_s": captured - started,
         "per_layer_s": [r.report.seconds for r in results],
         "peak_gpu_gib": peak,
         **output_errors(model, results, held, device),
         "ratios": [r.report.ratios for r in results],
         "scale_losses": [r.report.scale_losses for r in results],
     }
+
+
+PROFILED_STEPS = ("channel_mean_abs", "gram", "search_scales_linear", "search_scales_block", "clip_grams",
+                  "search_clip", "apply_clip", "gptq_round_shared", "quantize", "pack_gemm")
+"""quantkit.awq.engine's calls that --profile times as steps of their own."""
+
+
+def profile_layers(model, settings: QuantSettings, inputs: LayerInputs, device: str) -> None:
+    """quantize_layers under torch.profiler, each engine step and decoder-layer forward labelled: prints the
+    steps' host time (which waits on the GPU at every host sync) and the top CUDA kernels."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(name, fn):
+        def call(*args, **kwargs):
+            with record_function(f"step.{name}"):
+                return fn(*args, **kwargs)
+        return call
+
+    saved = {name: getattr(engine, name) for name in PROFILED_STEPS}
+    layer_class = type(model.model.layers[0])
+    forward = layer_class.forward
+    for name, fn in saved.items():
+        setattr(engine, name, labelled(name, fn))
+    layer_class.forward = labelled("decoder_layer_forward", forward)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            quantize_layers(model, QWEN2, settings, inputs, device)
+            sync(device)
+    finally:
+        for name, fn in saved.items():
+            setattr(engine, name, fn)
+        layer_class.forward = forward
+    events = prof.key_averages()
+    print("\n| step | calls | host total (ms) |\n|---|---|---|")
+    for event in sorted(events, key=lambda e: -e.cpu_time_total):
+        if event.key.startswith("step."):
+            print(f"| {event.key[5:]} | {event.count} | {event.cpu_time_total / 1e3:.0f} |")
+    print(events.table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total", row_limit=40))
 
 
 def same_choices(first: dict, second: dict) -> str:
@@ -226,11 +270,10 @@ def compare_screening(args, model, held: HeldOut, device: str) -> dict:
     from quantkit.awq.engine import quantize_layer
 
     rows = max(1, QuantSettings().max_batch_tokens // args.seq_len)
-    move_outside_layers(model, QWEN2, device)
-    inputs = capture_layer_inputs(
-        model, QWEN2, [lambda c=c: model(input_ids=c.to(device), use_cache=False) for c in held.ids.split(rows)],
-        device)
-    move_outside_layers(model, QWEN2, "cpu")
+    with outside_layers_on(model, QWEN2, device):
+        inputs = capture_layer_inputs(
+            model, QWEN2, [lambda c=c: model(input_ids=c.to(device), use_cache=False) for c in held.ids.split(rows)],
+            device)
     layers = []
     for index, layer in enumerate(model.model.layers):
         host = {name: p.data for name, p in layer.named_parameters()}
@@ -262,7 +305,6 @@ def bench_autoawq(args, held: HeldOut, device: str, dtype: torch.dtype) -> dict:
     from quantkit.awq.autoawq_backend import quantize_with_autoawq
 
     model = build_llm(args.layers, device, dtype, args.seed, MINICPMV26_LLM_SHAPES)
-    move_outside_layers(model, QWEN2, "cpu")
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -297,7 +339,7 @@ def bench_llmcompressor(args, held: HeldOut, device: str, dtype: torch.dtype) ->
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    model = build_llm(args.layers, device, dtype, args.seed, MINICPMV26_LLM_SHAPES).to("cpu")
+    model = build_llm(args.layers, device, dtype, args.seed, MINICPMV26_LLM_SHAPES)
     config_dir = tempfile.mkdtemp()
     model.config.save_pretrained(config_dir)  # llm-compressor reads the config again from the model's path
     model.config._name_or_path = model.name_or_path = config_dir
@@ -338,7 +380,10 @@ def main() -> None:
     parser.add_argument("--compare-screening", action="store_true",
                         help="also run the full and the screened scale search layer by layer on the same inputs "
                              "and compare their choices and losses")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top CUDA ops (native)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the first native method instead: its steps' times and top CUDA ops")
+    parser.add_argument("--no-compile-ahead", action="store_true",
+                        help="leave Triton's compilation to the first layer (quantize compiles while loading)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_quantize.py measures GPU speed: no CUDA device is visible (--device cpu --tiny "
@@ -348,6 +393,10 @@ def main() -> None:
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = TINY_SHAPES if args.tiny else MINICPMV26_LLM_SHAPES
+    methods = ["awq", "awq-gptq"] if args.method == ["both"] else args.method
+    if not args.no_compile_ahead:  # as `quantkit quantize` does while it loads the model
+        widest = max((QuantSettings(**METHODS[m]) for m in methods), key=lambda s: s.method == "awq-gptq")
+        compile_kernels_ahead(device, dtype, widest)
     rate = None
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -358,9 +407,11 @@ def main() -> None:
     floor = flops / rate if rate else float("nan")
     model = build_llm(args.layers, device, dtype, args.seed, shapes)
     held = prepare(args, model, device)
+    if args.profile:
+        bench_native(args, model, held, device, methods[0])
+        return
     results = []
     if args.backend in ("native", "both", "all"):
-        methods = ["awq", "awq-gptq"] if args.method == ["both"] else args.method
         for i, method in enumerate(methods):
             if i:  # output_errors() left the previous run's int4 weights in the model
                 del model
@@ -388,6 +439,12 @@ def main() -> None:
               f"| {per_layer:.2f} s | {per_layer * 28:.0f} s | {result['peak_gpu_gib']:.1f} GiB | {floor:.1f} s "
               f"| {result['wall_s'] / floor:.2f} | {result['output_rel_mse']:.3e} "
               f"({result['rtn_output_rel_mse']:.3e}) |")
+    for result in results:
+        if "capture_s" in result:
+            layer_s = result["per_layer_s"]
+            rest = sum(layer_s[1:]) / max(1, len(layer_s) - 1)
+            print(f"{result['backend']}: capture {result['capture_s']:.2f} s, first layer {layer_s[0]:.2f} s, "
+                  f"later layers {rest:.3f} s each, between layers {result['wall_s'] - result['capture_s'] - sum(layer_s):.2f} s")
     speed = {}
     if args.backend in ("native", "both", "all") and len(methods) > 1:
         speed["time_ratios"] = {r["backend"]: r["wall_s"] / results[0]["wall_s"] for r in results[1:len(methods)]}

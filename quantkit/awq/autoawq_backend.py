@@ -37,7 +37,7 @@ from quantkit.awq.engine import (
     LayerReport,
     LayerResult,
     capture_layer_inputs,
-    move_outside_layers,
+    outside_layers_on,
 )
 from quantkit.awq.settings import QuantSettings
 from quantkit.errors import DependencyError, InputError
@@ -343,13 +343,10 @@ def capture_for_autoawq(model: nn.Module, spec: ArchSpec, forwards: Iterable[Cal
     """
     language_model = model.get_submodule(spec.language_model) if spec.language_model else model
     probe = torch.zeros(1, seq_len, dtype=torch.long, device=device)
-    move_outside_layers(model, spec, device)
-    try:
+    with outside_layers_on(model, spec, device):
         inputs = capture_layer_inputs(model, spec, forwards, device)
         kwargs = capture_layer_inputs(
             model, spec, [lambda: language_model(input_ids=probe, use_cache=False)], device).kwargs[0]
-    finally:
-        move_outside_layers(model, spec, "cpu")
     return _Capture(hidden=_windows(inputs.hidden, seq_len), kwargs=kwargs)
 
 

@@ -13,7 +13,7 @@ are then the same on every rank. The default reducer is one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from quantkit.archs.spec import ArchSpec, ScalingGroup
+from quantkit.awq import kernels
 from quantkit.awq.gptq import gptq_round_shared
 from quantkit.awq.quant import GroupQuant, pack_gemm, quantize
 from quantkit.awq.reduce import SINGLE, Reducer, batch_layout, summed
@@ -108,6 +109,45 @@ def move_outside_layers(model: nn.Module, spec: ArchSpec, device: torch.device |
         for key, buf in module.named_buffers(recurse=False):
             if buf.device != torch.device(device):
                 module._buffers[key] = buf.to(device)
+
+
+@contextmanager
+def outside_layers_on(model: nn.Module, spec: ArchSpec, device: torch.device | str) -> Iterator[None]:
+    """Everything the calibration forwards run before decoder layer 0 (embeddings, vision tower, rotary tables)
+    on `device` for the duration. After, each moved parameter and buffer gets back the tensor it had, instead of
+    a copy back from the device: the forwards change none of them (on a GPU that saves a device-to-host copy of
+    a 7B model's embeddings). The decoder layers and the output head, which no capture reaches, are not moved."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    skip = (spec.decoder_layers + ".", spec.output_head + ".")
+    moved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []  # (module, name, is a parameter, host tensor)
+    for name, module in model.named_modules():
+        if (name + ".").startswith(skip):
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            if param.device != device:
+                moved.append((module, key, True, param.data))
+                param.data = param.data.to(device)
+        for key, buf in module.named_buffers(recurse=False):
+            if buf.device != device:
+                moved.append((module, key, False, buf))
+                module._buffers[key] = buf.to(device)
+    try:
+        yield
+    finally:
+        for module, key, is_param, tensor in moved:
+            if is_param:
+                module._parameters[key].data = tensor
+            else:
+                module._buffers[key] = tensor
+
+
+def compile_kernels_ahead(device: torch.device | str, dtype: torch.dtype, settings: QuantSettings) -> None:
+    """On a GPU, compile the fused kernels that quantize_layers will launch on a worker thread, to call before
+    loading the model: a fresh process would otherwise spend ~1 s of its first layer in Triton's compiler."""
+    gptq_columns = settings.gptq_block_size if settings.method == "awq-gptq" else None
+    kernels.compile_ahead(torch.device(device), dtype, settings.bits, settings.group_size, gptq_columns)
 
 
 def capture_layer_inputs(

@@ -11,12 +11,15 @@ instead of a chain of elementwise launches, each reading and writing the whole t
 
 `available(tensor)` says whether they apply: a CUDA tensor and an importable Triton (the CPU wheels of torch
 carry none; there the torch code runs). QUANTKIT_TRITON=0 switches them off; TRITON_INTERPRET=1 runs them on
-the CPU for tests.
+the CPU for tests. `compile_ahead` compiles them on a worker thread while the caller loads its model: a fresh
+process otherwise spends its first layer in Triton's compiler.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 
@@ -117,8 +120,55 @@ if triton is not None:
             w = w - step[:, None] * ej[None, :]
 
 
+_compiling: Future | None = None
+"""compile_ahead's work, until a kernel call has waited for it."""
+
+
+def compile_ahead(device: torch.device, dtype: torch.dtype, bits: int, group_size: int,
+                  gptq_columns: int | None = None) -> None:
+    """Start compiling (or reading from Triton's disk cache) the kernels a run on `device` with weights in
+    `dtype` will launch, on a worker thread, by launching each once on a small tensor of the same
+    specialisation (dtypes, power-of-two tile sizes, sizes divisible by 16). The first kernel call waits for it.
+    `gptq_columns`: the GPTQ block size, when the run rounds with GPTQ. Does nothing where the kernels don't
+    run (the CPU outside Triton's interpreter, Triton missing, QUANTKIT_TRITON=0)."""
+    global _compiling
+    device = torch.device(device)
+    if _compiling is not None or not available(torch.empty(0, device=device), group_size):
+        return
+
+    def launch_each() -> None:
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            gen = torch.Generator(device).manual_seed(0)
+            weight = torch.randn(64, 2 * group_size, generator=gen, device=device).to(dtype)
+            scales = torch.rand(2 * group_size, generator=gen, device=device).add_(0.5)
+            _scaled_fake_quant(weight, scales, bits, group_size)
+            grams = torch.eye(group_size, device=device).expand(2, -1, -1)
+            _clip_search(weight, grams, [1.0, 0.9], bits, group_size)
+            if gptq_columns is not None:
+                cols = triton.next_power_of_2(gptq_columns)
+                block = torch.randn(cols, 64, generator=gen, device=device)
+                _round_block(block, torch.ones_like(block), torch.zeros(cols, cols, device=device),
+                             torch.empty_like(block), torch.empty_like(block), 2**bits - 1)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-triton")
+    _compiling = pool.submit(launch_each)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+
+
+def _wait_for_compile_ahead() -> None:
+    global _compiling
+    if _compiling is not None:
+        pending, _compiling = _compiling, None
+        pending.result()
+
+
 def scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Q(W * s) / s for `weight` [out, in] and per-input-channel `scales`, in weight's dtype."""
+    _wait_for_compile_ahead()
+    return _scaled_fake_quant(weight, scales, bits, group_size)
+
+
+def _scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     rows, cols = weight.shape
     weight = weight.contiguous()
     out = torch.empty_like(weight)
@@ -134,6 +184,12 @@ def clip_search(weight: torch.Tensor, grams: torch.Tensor, factors: list[float],
     """For each (row, group) of `weight` [out, in], the bound max|w| * factor (first of the best) minimising
     d^T G d, d the fake-quantization error of the clamped group and G its `grams` [groups, gs, gs] slice.
     Returns the bounds and their errors, both float32 [out, groups]."""
+    _wait_for_compile_ahead()
+    return _clip_search(weight, grams, factors, bits, group_size)
+
+
+def _clip_search(weight: torch.Tensor, grams: torch.Tensor, factors: list[float], bits: int,
+                 group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = weight.shape
     weight = weight.contiguous()
     best_max = torch.empty(rows, cols // group_size, dtype=torch.float32, device=weight.device)
@@ -150,6 +206,12 @@ def round_block_(wb: torch.Tensor, sb: torch.Tensor, steps: torch.Tensor, qb: to
                  max_int: int) -> None:
     """gptq.round_block_ in one launch: wb, sb, qb, err [cols, out] float32 (contiguous), steps [cols, cols].
     wb is read, not updated (the caller has no further use for it)."""
+    _wait_for_compile_ahead()
+    _round_block(wb, sb, steps, qb, err, max_int)
+
+
+def _round_block(wb: torch.Tensor, sb: torch.Tensor, steps: torch.Tensor, qb: torch.Tensor, err: torch.Tensor,
+                 max_int: int) -> None:
     cols, out_features = wb.shape
     block_out = 32
     padded = triton.next_power_of_2(cols)

@@ -18,8 +18,8 @@ class QuantSettings:
     method: Method = "awq-gptq"
     """awq-gptq: the AWQ searches, then error-compensated rounding on the same group grid (quantkit/awq/gptq.py);
     the default: on SmolLM2 75-76 % of round-to-nearest's perplexity gap closed (8 and 16 blocks) against awq's
-    56-64 %, and a lower KL on chat prompts outside the calibration text, at 1.16x awq's time (docs/benchmarks.md,
-    "Default method").
+    56-64 %, and a lower KL on chat prompts outside the calibration text, at 1.16-1.18x awq's time
+    (docs/benchmarks.md, "Default method").
     awq: round to nearest after the searches, as AutoAWQ (what --backend autoawq runs); same release format."""
     gptq_damp: float = 1.0
     """awq-gptq: dampening added to the Gram matrix's diagonal, as a fraction of its mean diagonal. Larger values

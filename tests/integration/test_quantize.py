@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from quantkit.api import quantize, verify_static
 from quantkit.archs import MINICPMV26
-from quantkit.awq.engine import capture_layer_inputs, move_outside_layers
+from quantkit.awq.engine import capture_layer_inputs, move_outside_layers, outside_layers_on
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import CalibSample, build_calibration_set
 from quantkit.cli import app
@@ -110,6 +110,33 @@ def test_image_samples_reach_the_llm_through_the_vision_path(standin_dir: Path, 
     unk = model.llm.get_input_embeddings().weight[tokenizer.unk_token_id]
     slots = (image_hidden - unk).abs().sum(dim=-1) < 1e-6
     assert not slots.any(), "image placeholder slots still hold the <unk> embedding: vision features missing"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU has no other device to visit)")
+def test_outside_layers_visit_the_device_and_get_their_own_tensors_back(standin_dir: Path):
+    """For the capture, the embeddings and the vision tower go to the device; the decoder layers and the output
+    head stay; after, every moved tensor is the very host tensor it was (put back, not copied back)."""
+    model = load_model(standin_dir, MINICPMV26, torch.float32)
+    embed, head = model.llm.get_input_embeddings().weight, model.get_submodule(MINICPMV26.output_head).weight
+    vision = next(model.vpm.parameters())
+    layer = next(model.get_submodule(MINICPMV26.decoder_layers)[0].parameters())
+    tensors = {"embed": embed, "head": head, "vision": vision, "layer": layer}
+    before = {name: (t.device, t.data_ptr()) for name, t in tensors.items()}
+    with outside_layers_on(model, MINICPMV26, "cuda"):
+        assert embed.device.type == vision.device.type == "cuda"
+        assert head.device.type == layer.device.type == "cpu"
+    assert {name: (t.device, t.data_ptr()) for name, t in tensors.items()} == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantize_on_a_gpu_passes_the_static_checks(standin_dir: Path, tmp_path: Path):
+    """The GPU path of `quantize`: kernels compiled while the model loads, the capture on the device, the
+    layers searched there (fused kernels where the shapes allow); the release checks out like the CPU one."""
+    out = tmp_path / "gpu"
+    result = quantize(standin_dir, out, **{**SMALL, "device": "cuda"})
+    report = verify_static(out, source=standin_dir)
+    assert report.ok, [c.message for c in report.checks if not c.ok]
+    assert result.peak_gpu_gib is not None and result.peak_gpu_gib > 0
 
 
 def test_too_little_calibration_is_refused(standin_dir: Path, tmp_path: Path):

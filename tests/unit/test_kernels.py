@@ -18,6 +18,42 @@ pytestmark = pytest.mark.skipif(
     reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="only a GPU compiles; Triton's interpreter has nothing to compile")
+def test_compile_ahead_compiles_what_real_shapes_launch():
+    """Runs first in the module (a fresh process has compiled nothing): after compile_ahead, launches at
+    MiniCPM-V 2.6's k_proj shape (512 x 3584, bf16) and a GPTQ block find every kernel compiled already."""
+    jits = [kernels._scaled_fake_quant_kernel, kernels._clip_search_kernel, kernels._round_block_kernel]
+    index = torch.cuda.current_device()
+    kernels.compile_ahead(torch.device(DEVICE), torch.bfloat16, 4, 128, gptq_columns=128)
+    kernels._wait_for_compile_ahead()
+    compiled = [len(jit.device_caches[index][0]) for jit in jits]
+    assert min(compiled) >= 1
+    w = torch.randn(512, 3584, device=DEVICE, dtype=torch.bfloat16)
+    kernels.scaled_fake_quant(w, torch.rand(3584, device=DEVICE) + 0.5, 4, 128)
+    grams = torch.eye(128, device=DEVICE).expand(28, -1, -1)
+    kernels.clip_search(w, grams, [1 - step / 20 for step in range(10)], 4, 128)
+    block = torch.randn(128, 3584, device=DEVICE)
+    kernels.round_block_(block, torch.ones_like(block), torch.zeros(128, 128, device=DEVICE),
+                         torch.empty_like(block), torch.empty_like(block), 15)
+    torch.cuda.synchronize()
+    assert [len(jit.device_caches[index][0]) for jit in jits] == compiled
+
+
+def test_a_failed_compile_ahead_surfaces_at_the_first_kernel_call(monkeypatch):
+    """The worker thread's error is not lost: the first kernel call raises it (and a second call runs)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_scaled_fake_quant", broken)
+    kernels.compile_ahead(torch.device(DEVICE), torch.float32, 4, 128)
+    kernels._compiling.exception()  # waits for the worker, leaving its outcome to the first call
+    monkeypatch.undo()
+    w = torch.randn(32, 256, device=DEVICE)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        kernels.scaled_fake_quant(w, torch.ones(256, device=DEVICE), 4, 128)
+    assert torch.equal(kernels.scaled_fake_quant(w, torch.ones(256, device=DEVICE), 4, 128), fake_quantize(w, 4, 128))
+
+
 def weights(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen)
