@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import TINY_SHAPES, build_llm
 
 from quantkit.archs import MINICPMV26_LLM_SHAPES, QWEN2
-from quantkit.awq.engine import capture_layer_inputs, move_outside_layers, quantize_layers
+from quantkit.awq.engine import capture_layer_inputs, outside_layers_on, quantize_layers
 from quantkit.awq.reduce import strided_positions
 from quantkit.awq.settings import QuantSettings
 from quantkit.ranks import run_ranks
@@ -68,9 +68,9 @@ def calibrate(rank, args: argparse.Namespace, world: int) -> dict:
 
     barrier()
     started = time.perf_counter()
-    move_outside_layers(model, QWEN2, device)
-    inputs = capture_layer_inputs(model, QWEN2, [lambda b=b: model(input_ids=b.to(device), use_cache=False)
-                                                 for b in mine], device)
+    with outside_layers_on(model, QWEN2, device):
+        inputs = capture_layer_inputs(model, QWEN2, [lambda b=b: model(input_ids=b.to(device), use_cache=False)
+                                                     for b in mine], device)
     inputs.positions = positions
     barrier()
     capture_s = time.perf_counter() - started

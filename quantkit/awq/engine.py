@@ -97,20 +97,6 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def move_outside_layers(model: nn.Module, spec: ArchSpec, device: torch.device | str) -> None:
-    """Move every parameter and buffer except the decoder layers' to `device` (embeddings, vision, rotary)."""
-    prefix = spec.decoder_layers + "."
-    for name, module in model.named_modules():
-        if name.startswith(prefix):
-            continue
-        for key, param in module.named_parameters(recurse=False):
-            if param.device != torch.device(device):
-                param.data = param.data.to(device)
-        for key, buf in module.named_buffers(recurse=False):
-            if buf.device != torch.device(device):
-                module._buffers[key] = buf.to(device)
-
-
 @contextmanager
 def outside_layers_on(model: nn.Module, spec: ArchSpec, device: torch.device | str) -> Iterator[None]:
     """Everything the calibration forwards run before decoder layer 0 (embeddings, vision tower, rotary tables)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from quantkit.api import quantize, verify_static
 from quantkit.archs import MINICPMV26
-from quantkit.awq.engine import capture_layer_inputs, move_outside_layers, outside_layers_on
+from quantkit.awq.engine import capture_layer_inputs, outside_layers_on
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import CalibSample, build_calibration_set
 from quantkit.cli import app
@@ -100,7 +100,6 @@ def test_image_samples_reach_the_llm_through_the_vision_path(standin_dir: Path, 
 
     forwards = calibration_forwards(model, MINICPMV26, standin_dir, calib, QuantSettings(), torch.device("cpu"),
                                     torch.float32)
-    move_outside_layers(model, MINICPMV26, "cpu")
     inputs = capture_layer_inputs(model, MINICPMV26, forwards, "cpu")
     assert len(inputs.hidden) == 2
     image_hidden = inputs.hidden[1][0]

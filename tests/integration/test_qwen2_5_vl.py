@@ -12,7 +12,7 @@ from PIL import Image
 
 from quantkit.api import quantize, verify_static
 from quantkit.archs import QWEN2_5_VL
-from quantkit.awq.engine import capture_layer_inputs, move_outside_layers
+from quantkit.awq.engine import capture_layer_inputs
 from quantkit.awq.settings import QuantSettings
 from quantkit.calib import CalibSample, build_calibration_set
 from quantkit.errors import InputError
@@ -74,7 +74,6 @@ def test_image_samples_reach_layer_0_with_mrope_positions(qwen25vl_dir: Path, qw
                                   tokenizer, n_samples=2, seq_len=32)
     forwards = calibration_forwards(model, QWEN2_5_VL, qwen25vl_dir, calib, QuantSettings(), torch.device("cpu"),
                                     torch.float32)
-    move_outside_layers(model, QWEN2_5_VL, "cpu")
     inputs = capture_layer_inputs(model, QWEN2_5_VL, forwards, "cpu")
     kwargs = QWEN2_5_VL.load_processor(qwen25vl_dir)("Describe the picture.", [Image.open(image).convert("RGB")])
     ids = kwargs["input_ids"]
